@@ -1,0 +1,410 @@
+"""Poisson batch sampling and the private release of the dataset size.
+
+DP-AggZO (Bao et al., USENIX Security 2025, Algorithm 1) draws every batch by *Poisson sampling*:
+at each step every record is kept independently with probability ``q`` (the sample rate), so the
+batch size ``|B|`` is random, private, and may be zero. The privacy analysis (the subsampled
+Gaussian term of Lemma 5) relies on exactly this sampling scheme, so
+
+* batches are drawn here with a fresh, independent draw per record per step;
+* by default the draws come from a generator seeded from OS entropy: batch selection must never be
+  derivable from a public seed (an explicit seed is allowed for tests, and warns);
+* an empty batch is a real step: it is yielded, never skipped (see :class:`EmptyBatch`).
+
+The optimizer normalises by the *expected* batch size ``b = q·ñ`` where ``ñ = n + Lap(ψ)`` is a
+noisy release of the dataset size (Algorithm 1, lines 1-2), charged once to the accountant
+(:func:`release_size`, :func:`expected_batch_size`).
+
+Empty-batch convention
+----------------------
+:func:`poisson_loader` never calls the user's collate function on an empty index list (most collate
+functions crash on ``[]``). An empty batch comes out as the singleton :data:`EMPTY_BATCH`, an
+instance of :class:`EmptyBatch`: an empty, read-only mapping with ``len() == 0`` that is falsy,
+iterates over nothing, and returns itself from ``.to(...)``/``.pin_memory()``. A loss closure
+therefore handles it with one line::
+
+    def closure():
+        if not batch:                      # EMPTY_BATCH (or an empty dict after moving devices)
+            return torch.zeros(0)
+        ...
+
+The closures built by :mod:`zoprivacy.tasks` already do this.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import secrets
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+__all__ = [
+    "EMPTY_BATCH",
+    "EmptyBatch",
+    "PoissonBatchSampler",
+    "PredictableSamplingWarning",
+    "expected_batch_size",
+    "is_empty_batch",
+    "poisson_loader",
+    "release_size",
+]
+
+GeneratorLike = int | np.random.Generator | torch.Generator | None
+
+
+class PredictableSamplingWarning(UserWarning):
+    """An explicit seed or generator was given: the random draws it controls are predictable.
+
+    Fine for tests and reproducible experiments; never use it for a run whose privacy matters,
+    since anyone who knows the seed knows which records were in each batch (or the size noise).
+    """
+
+
+class _SizeAccountant(Protocol):
+    def release_size(self, laplace_scale: float) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# argument validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_count(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    value = operator.index(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_rate(sample_rate: Any) -> float:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+        raise TypeError(f"sample_rate must be a real number, got {type(sample_rate).__name__}")
+    q = float(sample_rate)
+    if not (0.0 < q <= 1.0):  # also rejects NaN
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return q
+
+
+def _check_positive_finite(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return v
+
+
+def _numpy_generator(generator: GeneratorLike, what: str) -> np.random.Generator:
+    """Turn ``generator`` into a numpy Generator; ``None`` means seeded from OS entropy."""
+    if generator is None:
+        # A 128-bit seed from the OS CSPRNG: nothing public determines the stream.
+        return np.random.default_rng(secrets.randbits(128))
+    warnings.warn(
+        f"an explicit generator/seed was given, so {what} is predictable from it; "
+        "use generator=None (OS entropy) for any run whose privacy matters",
+        PredictableSamplingWarning,
+        stacklevel=3,
+    )
+    if isinstance(generator, np.random.Generator):
+        return generator
+    if isinstance(generator, torch.Generator):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return np.random.default_rng(seed)
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        return np.random.default_rng(operator.index(generator))
+    raise TypeError(
+        "generator must be None, an int seed, a numpy.random.Generator or a torch.Generator, "
+        f"got {type(generator).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisson sampling
+# ---------------------------------------------------------------------------------------------
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Batch sampler for Poisson subsampling: each record is kept independently with prob. ``q``.
+
+    Every step draws a fresh batch: the number of records is ``Binomial(n, q)`` and, given that
+    number, the records are a uniformly random subset; this is exactly the distribution of ``n``
+    independent Bernoulli(``q``) inclusions, drawn in time proportional to the batch size (fast
+    for millions of records). Batches are sorted lists of indices; an empty batch is yielded as
+    ``[]`` and counts as a step, as the privacy analysis requires.
+
+    Args:
+        num_records: dataset size ``n`` (``int >= 0``).
+        sample_rate: inclusion probability ``q`` in ``(0, 1]``.
+        steps: number of batches one pass over the sampler yields (its ``len()``). ``None`` means
+            ``max(1, round(1 / q))``, one expected epoch. Each new iteration draws new batches.
+        generator: ``None`` (default) seeds a generator from OS entropy, so batch selection is
+            not derivable from any public seed. An int seed, ``numpy.random.Generator`` or
+            ``torch.Generator`` makes batches reproducible (tests only) and warns with
+            :class:`PredictableSamplingWarning`.
+    """
+
+    def __init__(
+        self,
+        num_records: int,
+        sample_rate: float,
+        *,
+        steps: int | None = None,
+        generator: GeneratorLike = None,
+    ) -> None:
+        self.num_records: int = _check_count(num_records, "num_records")  # type: ignore[assignment]
+        self.sample_rate: float = _check_rate(sample_rate)
+        steps = _check_count(steps, "steps", allow_none=True)
+        if steps is None:
+            steps = max(1, round(1.0 / self.sample_rate))
+        self.steps: int = steps
+        self._rng = _numpy_generator(generator, "batch selection")
+
+    def sample_batch(self) -> list[int]:
+        """Draw one Poisson batch (a sorted list of record indices, possibly empty)."""
+        n, q = self.num_records, self.sample_rate
+        if q >= 1.0:
+            return list(range(n))
+        size = int(self._rng.binomial(n, q))
+        if size == 0:
+            return []
+        idx = self._rng.choice(n, size=size, replace=False, shuffle=False)
+        idx.sort()
+        return idx.tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield self.sample_batch()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __repr__(self) -> str:
+        return (
+            f"PoissonBatchSampler(num_records={self.num_records}, "
+            f"sample_rate={self.sample_rate}, steps={self.steps})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# empty batches and the loader
+# ---------------------------------------------------------------------------------------------
+
+
+class EmptyBatch(Mapping):
+    """The batch that :func:`poisson_loader` yields when a Poisson draw selects no record.
+
+    A singleton (:data:`EMPTY_BATCH`): an empty read-only mapping, ``len() == 0``, falsy, with
+    ``.to(...)`` and ``.pin_memory()`` returning itself so device-moving code passes it through.
+    It survives pickling (DataLoader workers) as the same singleton. A closure should return a
+    loss tensor of shape ``[0]`` for it; the optimizer then releases pure noise for that step.
+    """
+
+    _instance: EmptyBatch | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> EmptyBatch:
+        # Accepts (and ignores) an empty mapping so ``type(batch)({})`` in torch's
+        # pin_memory code still gives back the singleton.
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __getitem__(self, key: Any) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def to(self, *args: Any, **kwargs: Any) -> EmptyBatch:
+        """Return ``self`` (there is nothing to move)."""
+        return self
+
+    def pin_memory(self, *args: Any, **kwargs: Any) -> EmptyBatch:
+        """Return ``self`` (there is nothing to pin)."""
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (EmptyBatch, ())
+
+    def __repr__(self) -> str:
+        return "EMPTY_BATCH"
+
+
+EMPTY_BATCH = EmptyBatch()
+"""The singleton empty batch; see :class:`EmptyBatch`."""
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """True for :data:`EMPTY_BATCH`, for an empty dict/list/tuple, and for tensors of length 0."""
+    if isinstance(batch, EmptyBatch):
+        return True
+    if isinstance(batch, torch.Tensor):
+        return batch.dim() > 0 and batch.shape[0] == 0
+    if isinstance(batch, Mapping | Sequence) and not isinstance(batch, str | bytes):
+        return len(batch) == 0
+    return False
+
+
+class _EmptySafeCollate:
+    """Collate wrapper: an empty record list gives :data:`EMPTY_BATCH`, never ``collate([])``."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, records: list[Any]) -> Any:
+        if len(records) == 0:
+            return EMPTY_BATCH
+        return self.collate_fn(records)
+
+
+class _EmptySafeDataset(Dataset):
+    """Delegating view of a map-style dataset that answers an empty fetch without touching it.
+
+    Some datasets (Hugging Face ``datasets.Dataset``) fetch through ``__getitems__``, whose
+    behaviour on an empty key list is not guaranteed; this wrapper returns ``[]`` for it.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        if len(indices) == 0:
+            return []
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems(indices))
+        return [self.dataset[i] for i in indices]
+
+
+_FORBIDDEN_LOADER_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+
+
+def poisson_loader(
+    dataset: Any,
+    sample_rate: float,
+    *,
+    steps: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    generator: GeneratorLike = None,
+    **dataloader_kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` whose batches are Poisson samples of ``dataset`` (Algorithm 1).
+
+    Works with any map-style dataset (``len`` + integer indexing): a torch ``Dataset``, a
+    Hugging Face ``datasets.Dataset``, a plain list. Iterating yields ``steps`` batches, each
+    collated by ``collate_fn`` (default ``torch.utils.data.default_collate``), except that an
+    empty batch is yielded as :data:`EMPTY_BATCH` without calling ``collate_fn`` (see the module
+    docstring for how a closure handles it).
+
+    Args:
+        dataset: map-style dataset of ``n`` records.
+        sample_rate: inclusion probability ``q`` in ``(0, 1]``.
+        steps: number of batches per pass (``len(loader)``).
+        collate_fn: turns a non-empty list of records into a batch.
+        generator: as in :class:`PoissonBatchSampler` (``None``: OS entropy).
+        **dataloader_kwargs: passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ...);
+            ``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler`` and ``drop_last`` are
+            refused because they would replace Poisson sampling.
+    """
+    bad = [k for k in _FORBIDDEN_LOADER_KWARGS if k in dataloader_kwargs]
+    if bad:
+        raise TypeError(
+            f"poisson_loader does not accept {', '.join(bad)}: batches are Poisson samples "
+            "(set sample_rate and steps instead)"
+        )
+    if steps is None:
+        raise TypeError("steps must be an int (the number of batches), got None")
+    try:
+        num_records = len(dataset)
+    except TypeError as exc:
+        raise TypeError("dataset must be map-style (support len() and indexing)") from exc
+    sampler = PoissonBatchSampler(num_records, sample_rate, steps=steps, generator=generator)
+    return DataLoader(
+        _EmptySafeDataset(dataset),
+        batch_sampler=sampler,
+        collate_fn=_EmptySafeCollate(default_collate if collate_fn is None else collate_fn),
+        **dataloader_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# private size release
+# ---------------------------------------------------------------------------------------------
+
+
+def _os_entropy_laplace(scale: float) -> float:
+    """Laplace(0, scale) as the difference of two exponentials drawn from the OS CSPRNG."""
+    rand = secrets.SystemRandom()
+    # random() is in [0, 1), so 1 - u is in (0, 1] and the log is finite.
+    e1 = -math.log(1.0 - rand.random())
+    e2 = -math.log(1.0 - rand.random())
+    return scale * (e1 - e2)
+
+
+def release_size(
+    num_records: int,
+    laplace_scale: float,
+    *,
+    accountant: _SizeAccountant | None = None,
+    generator: GeneratorLike = None,
+) -> float:
+    """Release the dataset size privately: ``ñ = max(1, n + Lap(ψ))`` (Algorithm 1, lines 1-2).
+
+    Adding or removing one record changes ``n`` by 1, so the Laplace mechanism with scale
+    ``ψ`` is ``1/ψ``-DP (pure); its Rényi-DP cost is the first term of Lemma 5, which the
+    accountant adds to the ``T`` subsampled-Gaussian steps. Clamping to at least 1 is
+    post-processing (it keeps ``b = q·ñ`` positive) and costs nothing.
+
+    Args:
+        num_records: the true size ``n`` (``int >= 0``).
+        laplace_scale: ``ψ > 0``, finite (e.g. ``plan.laplace_scale`` from
+            ``accounting.calibrate``).
+        accountant: if given, ``accountant.release_size(laplace_scale)`` is called *before* any
+            noise is drawn (it raises if a size was already released or the budget is exceeded,
+            and then nothing is released).
+        generator: ``None`` (default) draws the noise from the OS CSPRNG. An int seed or a
+            generator makes the noise reproducible (tests only) and warns with
+            :class:`PredictableSamplingWarning`.
+
+    Returns:
+        ``ñ`` as a float ``>= 1``.
+    """
+    n = _check_count(num_records, "num_records")
+    psi = _check_positive_finite(laplace_scale, "laplace_scale")
+    if accountant is not None:
+        accountant.release_size(psi)
+    if generator is None:
+        noise = _os_entropy_laplace(psi)
+    else:
+        noise = float(_numpy_generator(generator, "the size noise").laplace(0.0, psi))
+    return max(1.0, float(n) + noise)  # type: ignore[operator]
+
+
+def expected_batch_size(sample_rate: float, noisy_size: float) -> float:
+    """The expected batch size ``b = q·ñ`` used to normalise every step (never the true ``|B|``).
+
+    Args:
+        sample_rate: ``q`` in ``(0, 1]``.
+        noisy_size: ``ñ`` from :func:`release_size` (positive and finite).
+    """
+    q = _check_rate(sample_rate)
+    size = _check_positive_finite(noisy_size, "noisy_size")
+    return q * size
