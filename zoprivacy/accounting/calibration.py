@@ -1,0 +1,294 @@
+"""Calibration: the smallest noise multiplier that meets a target (ε, δ) (DESIGN.md, calibration).
+
+The dataset-size release gets ``size_fraction`` of ε as pure DP, ψ = 1/(size_fraction·ε), as in the
+paper (5%); the noise multiplier σ is then the smallest one whose *jointly composed* guarantee
+(Lemma 5: Laplace + T subsampled-Gaussian steps in RDP, converted once with Lemma 8) is <= ε. This
+is tighter than splitting ε into 95% + 5% and composing basically, as the paper's artifact does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import brentq
+
+from zoprivacy.accounting import _validate
+from zoprivacy.accounting.conversion import rdp_to_dp
+from zoprivacy.accounting.epsilon import Accountant, composed_rdp
+from zoprivacy.accounting.errors import OrderRangeWarning
+from zoprivacy.accounting.orders import DEFAULT_ORDERS, MAX_ORDER, extended_orders
+from zoprivacy.accounting.pld import pld_epsilon
+from zoprivacy.accounting.rdp import rdp_laplace
+
+#: Relative precision of the noise multiplier returned by :func:`calibrate`.
+SIGMA_RTOL = 1e-6
+#: Number of orders around the current best one used during the root search (see _search_orders).
+_WINDOW = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    """Result of :func:`calibrate`: the noise to use and the guarantee it achieves.
+
+    Attributes:
+        noise_multiplier: σ for the Gaussian steps (0.0 when ``steps = 0``).
+        laplace_scale: ψ for the dataset-size release, ``None`` when ``size_fraction = 0``.
+        epsilon: ε actually achieved by (σ, ψ); never above ``target_epsilon``.
+        best_order: the Rényi order that gives ``epsilon`` (``nan`` for PLD, ``inf`` when the
+            pure-DP bound of the size release is used).
+        target_epsilon, delta, sample_rate, steps, size_fraction, accountant: the inputs.
+    """
+
+    noise_multiplier: float
+    laplace_scale: float | None
+    epsilon: float
+    best_order: float
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    steps: int
+    size_fraction: float
+    accountant: str
+
+
+def _rdp_epsilon(sigma, q, steps, delta, psi, orders) -> tuple[float, float]:
+    rdp = composed_rdp(
+        noise_multiplier=sigma, sample_rate=q, steps=steps, laplace_scale=psi, orders=orders
+    )
+    return rdp_to_dp(orders, rdp, delta, warn_at_edge=False)
+
+
+def _floor_epsilon(delta: float, psi: float | None, orders: np.ndarray) -> tuple[float, float]:
+    """ε as σ → ∞: the size release plus the conversion term of Lemma 8."""
+    rdp = np.zeros_like(orders) if psi is None else rdp_laplace(psi, orders)
+    return rdp_to_dp(orders, rdp, delta, warn_at_edge=False)
+
+
+def _smallest_reachable(delta: float, size_fraction: float, orders: np.ndarray) -> float:
+    """Smallest target ε for which some finite σ works (the floor grows with ε through ψ)."""
+
+    def gap(e: float) -> float:
+        psi = None if size_fraction == 0.0 else 1.0 / (size_fraction * e)
+        return _floor_epsilon(delta, psi, orders)[0] - e
+
+    hi = 1.0
+    while gap(hi) > 0.0:
+        hi *= 2.0
+    return float(brentq(gap, 1e-12, hi, rtol=1e-10))
+
+
+def _search_orders(orders: np.ndarray, best: float) -> np.ndarray:
+    """A few orders on each side of ``best``: ε is a min over orders, so searching on a subset
+    can only overstate ε (the σ found is safe) and the full list is checked afterwards."""
+    idx = int(np.searchsorted(orders, best))
+    return orders[max(0, idx - _WINDOW) : idx + _WINDOW + 1]
+
+
+#: A coarse order list used only to bracket σ (a subset: its ε is an upper bound, hence safe).
+_COARSE_ORDERS = np.array(
+    [1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024], float
+)
+
+
+def _calibrate_rdp(
+    target, delta, q, steps, psi, orders, orders_given
+) -> tuple[float, float, float]:
+    """Returns (σ, ε achieved, best order).
+
+    ε(σ) = min over orders of ε_α(σ). Searching on any subset of the orders overstates ε, so every
+    σ found on a subset is safe; the search uses a window of orders around the current best one
+    and re-centres it until the best order is strictly inside (ε_α is unimodal in α in practice,
+    so the window then gives the same ε as the full list).
+    """
+    # 1. Reachability, extending the orders while the best one sits at the top of the list.
+    floor, best = _floor_epsilon(delta, psi, orders)
+    while floor >= target and best == orders[-1] and not orders_given and best < MAX_ORDER:
+        orders = extended_orders(orders)
+        floor, best = _floor_epsilon(delta, psi, orders)
+    if floor >= target:
+        raise ValueError(
+            "target epsilon cannot be reached: even infinite noise leaves "
+            f"ε = {floor:.6g} >= {target:g} (delta = {delta:g}, orders up to {orders[-1]:g})"
+        )
+    # 2. Bracket σ on a coarse subset when its ε can reach the target, else on the full list.
+    coarse = orders if orders_given else _COARSE_ORDERS
+    if _floor_epsilon(delta, psi, coarse)[0] >= target:
+        coarse = orders
+    hi = 1.0
+    while True:
+        eps_hi, best = _rdp_epsilon(hi, q, steps, delta, psi, coarse)
+        if eps_hi <= target:
+            break
+        hi *= 2.0
+    lo = hi / 2.0
+    while _rdp_epsilon(lo, q, steps, delta, psi, coarse)[0] <= target:
+        hi, lo = lo, lo / 2.0
+    # 3. Root search on a window of the full list, re-centred until the best order is inside.
+    for _ in range(16):
+        if best >= orders[-1] and not orders_given and orders[-1] < MAX_ORDER:
+            orders = extended_orders(orders)
+        window = _search_orders(orders, best)
+
+        def excess(s: float, window: np.ndarray = window) -> float:
+            return _rdp_epsilon(s, q, steps, delta, psi, window)[0] - target
+
+        if excess(hi) > 0.0:  # the window misses the best order at the top of the bracket
+            best = _rdp_epsilon(hi, q, steps, delta, psi, coarse)[1]
+            hi *= 2.0
+            continue
+        if excess(lo) <= 0.0:
+            hi, lo = lo, lo / 2.0
+            continue
+        sigma = float(brentq(excess, lo, hi, rtol=SIGMA_RTOL / 8, xtol=1e-12))
+        nudge = SIGMA_RTOL / 8  # always return the safe side
+        while excess(sigma) > 0.0:
+            sigma *= 1.0 + nudge
+            nudge *= 2.0
+        eps, best_window = _rdp_epsilon(sigma, q, steps, delta, psi, window)
+        lo_ok = window[0] < best_window or window[0] == orders[0]
+        hi_ok = best_window < window[-1] or (window[-1] == orders[-1] and orders_given)
+        if lo_ok and hi_ok:
+            return sigma, eps, best_window
+        # The optimum left the window: re-centre on the full list's best order at this σ.
+        best = _rdp_epsilon(sigma, q, steps, delta, psi, orders)[1]
+        hi = sigma
+    raise RuntimeError("calibration did not settle on a Rényi order; please report this bug")
+
+
+def calibrate(
+    *,
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    size_fraction: float = 0.05,
+    orders: Sequence[float] | np.ndarray | None = None,
+    accountant: Accountant = "rdp",
+) -> PrivacyPlan:
+    """Noise multiplier σ and Laplace scale ψ that make a run (ε, δ)-DP (Lemma 5 + Lemma 8).
+
+    ψ = 1/(size_fraction·ε) (pure DP for the size release); σ is the smallest noise multiplier
+    whose composed guarantee is <= ε, found with a bracketed root finder (``scipy.optimize.brentq``)
+    to relative precision 1e-6 and always returned on the safe side (ε(σ) <= target). When the
+    best order is the largest of the default list, the list is extended (up to 2^20), so small
+    targets stay reachable; an unreachable target raises ``ValueError`` naming the smallest
+    reachable ε.
+
+    Args:
+        epsilon: target ε > 0.
+        delta: δ in (0, 1).
+        sample_rate: Poisson rate q in (0, 1].
+        steps: number of steps T >= 0.
+        size_fraction: share of ε given to the size release, in [0, 1); 0 = no release.
+        orders: Rényi orders (default :data:`DEFAULT_ORDERS`, extended when needed); given
+            orders are used as they are.
+        accountant: ``"rdp"`` or ``"pld"`` (σ found on the PLD accountant's ε, needs
+            ``dp-accounting``; slower).
+    """
+    target = _validate.epsilon(epsilon)
+    d = _validate.delta(delta)
+    q = _validate.sample_rate(sample_rate)
+    t = _validate.steps(steps)
+    f = _validate.size_fraction(size_fraction)
+    alphas = DEFAULT_ORDERS if orders is None else np.unique(_validate.orders(orders))
+    if accountant not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
+    psi = None if f == 0.0 else 1.0 / (f * target)
+    common = dict(
+        target_epsilon=target,
+        delta=d,
+        sample_rate=q,
+        steps=t,
+        size_fraction=f,
+        accountant=accountant,
+    )
+    if t == 0:
+        eps = 0.0 if psi is None else 1.0 / psi
+        return PrivacyPlan(0.0, psi, eps, math.inf, **common)
+    try:
+        sigma, eps, best = _calibrate_rdp(target, d, q, t, psi, alphas, orders is not None)
+    except ValueError as exc:
+        if "cannot be reached" not in str(exc):
+            raise
+        reach = _smallest_reachable(d, f, alphas if orders is not None else _max_orders())
+        raise ValueError(
+            f"epsilon={target:g} cannot be reached with delta={d:g} and "
+            f"size_fraction={f:g}: {exc}. The smallest reachable epsilon is about {reach:.4g}; "
+            "raise epsilon or delta, or lower size_fraction."
+        ) from None
+    if accountant == "pld":
+        sigma = _calibrate_pld(target, d, q, t, psi, sigma_rdp=sigma)
+        eps = pld_epsilon(
+            noise_multiplier=sigma, sample_rate=q, steps=t, delta=d, laplace_scale=psi
+        )
+        return PrivacyPlan(sigma, psi, eps, math.nan, **common)
+    return PrivacyPlan(sigma, psi, eps, best, **common)
+
+
+def _max_orders() -> np.ndarray:
+    orders = DEFAULT_ORDERS
+    while orders[-1] < MAX_ORDER:
+        orders = extended_orders(orders)
+    return orders
+
+
+def _calibrate_pld(target, delta, q, steps, psi, *, sigma_rdp: float) -> float:
+    """σ on the PLD accountant, bracketed below the RDP answer (PLD ε <= RDP ε)."""
+
+    def excess(s: float) -> float:
+        return (
+            pld_epsilon(
+                noise_multiplier=s, sample_rate=q, steps=steps, delta=delta, laplace_scale=psi
+            )
+            - target
+        )
+
+    hi = sigma_rdp
+    while excess(hi) > 0.0:  # discretisation can make PLD slightly pessimistic
+        hi *= 1.01
+    lo = hi * 0.8
+    while excess(lo) <= 0.0:
+        hi, lo = lo, lo * 0.8
+    sigma = float(brentq(excess, lo, hi, rtol=SIGMA_RTOL, xtol=1e-12))
+    nudge = SIGMA_RTOL
+    while excess(sigma) > 0.0:
+        sigma *= 1.0 + nudge
+        nudge *= 2.0
+    return sigma
+
+
+def get_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accountant: Accountant = "rdp",
+    **_ignored: object,
+) -> float:
+    """Opacus-style helper: σ for the Gaussian steps alone (no size release).
+
+    Same keyword names as ``opacus.accountants.utils.get_noise_multiplier``; ``epochs`` is
+    converted to ``steps = int(epochs / sample_rate)``. Extra Opacus keywords (such as
+    ``epsilon_tolerance``) are accepted and ignored: the answer is always precise to 1e-6.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("pass exactly one of steps or epochs")
+    if steps is None:
+        steps = int(_validate._as_real("epochs", epochs) / _validate.sample_rate(sample_rate))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OrderRangeWarning)
+        plan = calibrate(
+            epsilon=target_epsilon,
+            delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            size_fraction=0.0,
+            accountant=accountant,
+        )
+    return plan.noise_multiplier
