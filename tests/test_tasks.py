@@ -296,3 +296,68 @@ def test_poisson_loader_pipeline_with_trimmed_collate(minilm):
             assert batch["attention_mask"][:, -1].any()  # trimmed to the longest record
             assert losses.shape[0] == batch["labels"].shape[0]
     assert len(sizes) == 8 and sum(sizes) > 0
+
+
+def test_training_mode_can_be_allowed_explicitly(minilm):
+    model, tok = minilm
+    batch = tasks.encode_classification(tok, TEXTS[:2], LABELS[:2], max_length=16)
+    model.train()
+    try:
+        losses = tasks.sequence_classification_losses(model, batch, allow_training=True)
+    finally:
+        model.eval()
+    assert losses.shape == (2,)
+
+
+def test_end_to_end_with_the_optimizer_and_accountant(minilm):
+    """Size release -> Poisson loader (with empty batches) -> closures -> DP-AggZO steps."""
+    try:
+        from zoprivacy import DPAggZO
+    except ImportError:
+        from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.accounting import RDPAccountant
+    from zoprivacy.data import expected_batch_size, release_size
+
+    model, tok = minilm
+    head = model.classifier
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    encoded = tasks.encode_classification(tok, TEXTS * 2, LABELS * 2, max_length=24)
+    dataset = tasks.TensorDictDataset(encoded)
+    q, steps = 0.15, 6
+    accountant = RDPAccountant()
+    noisy_size = release_size(len(dataset), 5.0, accountant=accountant)
+    with pytest.raises(RuntimeError, match="already released"):
+        release_size(len(dataset), 5.0, accountant=accountant)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head.requires_grad_(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # seeded noise / sampling: test only
+            loader = poisson_loader(
+                dataset, q, steps=steps, collate_fn=tasks.collate_trimmed, generator=5
+            )
+            opt = DPAggZO(
+                head.parameters(),
+                lr=1e-2,
+                num_directions=3,
+                clip_norm=1.0,
+                noise_multiplier=1.0,
+                expected_batch_size=expected_batch_size(q, noisy_size),
+                seed=0,
+                noise_seed=0,
+                accountant=accountant,
+                sample_rate=q,
+            )
+            sizes = []
+            for batch in loader:
+                stats = opt.step(lambda b=batch: tasks.sequence_classification_losses(model, b))
+                sizes.append(stats.batch_size)
+                assert stats.noisy_sum.shape == (3,)
+        assert 0 in sizes and len(sizes) == steps  # empty batches were real steps
+        assert accountant.get_epsilon(1e-5) > 0
+        assert not torch.equal(head.weight, saved["weight"])
+    finally:
+        head.load_state_dict(saved)
+        for p in model.parameters():
+            p.requires_grad_(True)

@@ -11,8 +11,10 @@ Common rules:
 
 * The forward pass runs under ``torch.inference_mode()``; the result is returned as an ordinary
   (non-inference) float tensor of shape ``[|B|]`` (float32, or float64 for a float64 model).
-* The model must be in eval mode: with dropout on, the ``θ+φz`` and ``θ-φz`` evaluations would
-  see different masks. A model in training mode raises ``ValueError``.
+* The model should be in eval mode (as in MeZO): then every loss is a deterministic function of
+  the record and ``θ``, and :func:`~zoprivacy.tasks.check_per_sample` can verify it. A model in
+  training mode raises ``ValueError`` unless ``allow_training=True`` (dropout then relies on the
+  optimizer replaying the RNG state between the ``θ+φz`` and ``θ-φz`` evaluations).
 * Batches are dicts of tensors (what :func:`zoprivacy.tasks.collate_trimmed` or
   ``default_collate`` make from :class:`zoprivacy.tasks.TensorDictDataset` records), moved to the
   model's device. Padding is handled only through ``attention_mask`` (left or right), so padding
@@ -50,11 +52,11 @@ def _loss_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _require_eval(model: torch.nn.Module) -> None:
-    if model.training:
+def _require_eval(model: torch.nn.Module, allow_training: bool) -> None:
+    if model.training and not allow_training:
         raise ValueError(
-            "the model is in training mode: call model.eval() first (dropout would make the "
-            "two evaluations of a zeroth-order difference use different random masks)"
+            "the model is in training mode: call model.eval() first (dropout makes each loss "
+            "random), or pass allow_training=True to use dropout deliberately"
         )
 
 
@@ -152,7 +154,7 @@ def _finish(losses: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def sequence_classification_losses(
-    model: torch.nn.Module, batch: Mapping[str, Any]
+    model: torch.nn.Module, batch: Mapping[str, Any], *, allow_training: bool = False
 ) -> torch.Tensor:
     """Per-record cross-entropy of an ``AutoModelForSequenceClassification``.
 
@@ -160,6 +162,7 @@ def sequence_classification_losses(
         model: a sequence-classification model (logits ``[B, C]``), in eval mode.
         batch: dict with ``labels`` (class indices ``[B]``) and the model inputs
             (``input_ids``, ``attention_mask``, optionally ``token_type_ids``, ...).
+        allow_training: accept a model in training mode (dropout on).
 
     Returns:
         ``Tensor[B]``: ``-log softmax(logits_i)[label_i]`` for each record.
@@ -168,7 +171,7 @@ def sequence_classification_losses(
     dtype = _loss_dtype(param_dtype)
     if _batch_records(batch) == 0:
         return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model)
+    _require_eval(model, allow_training)
     labels = _get(batch, "labels", device).long()
     with torch.inference_mode():
         logits = model(**_model_inputs(batch, device)).logits
@@ -191,6 +194,8 @@ def prompt_classification_losses(
     model: torch.nn.Module,
     batch: Mapping[str, Any],
     label_token_ids: Sequence[int] | torch.Tensor,
+    *,
+    allow_training: bool = False,
 ) -> torch.Tensor:
     """Prompt-based classification with a causal LM (the MeZO / DP-AggZO setup).
 
@@ -210,6 +215,7 @@ def prompt_classification_losses(
         model: a causal LM (e.g. ``LlamaForCausalLM``, possibly PEFT-wrapped), in eval mode.
         batch: dict with ``input_ids``, ``attention_mask`` and ``labels`` (class indices ``[B]``).
         label_token_ids: one vocabulary id per class.
+        allow_training: accept a model in training mode (dropout on).
 
     Returns:
         ``Tensor[B]`` of per-record losses.
@@ -218,7 +224,7 @@ def prompt_classification_losses(
     dtype = _loss_dtype(param_dtype)
     if _batch_records(batch) == 0:
         return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model)
+    _require_eval(model, allow_training)
     rows = torch.as_tensor(label_token_ids, dtype=torch.long, device=device).flatten()
     labels = _get(batch, "labels", device).long()
     if labels.dim() != 1:
@@ -235,7 +241,9 @@ def prompt_classification_losses(
     return _finish(losses, dtype)
 
 
-def causal_lm_target_losses(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+def causal_lm_target_losses(
+    model: torch.nn.Module, batch: Mapping[str, Any], *, allow_training: bool = False
+) -> torch.Tensor:
     """Per-record mean next-token loss over the answer tokens only.
 
     ``labels`` has the shape of ``input_ids`` and holds the token id at answer positions and
@@ -247,6 +255,7 @@ def causal_lm_target_losses(model: torch.nn.Module, batch: Mapping[str, Any]) ->
     Args:
         model: a causal LM, in eval mode.
         batch: dict with ``input_ids``, ``attention_mask`` and ``labels`` (``[B, L]``).
+        allow_training: accept a model in training mode (dropout on).
 
     Returns:
         ``Tensor[B]`` of per-record mean losses.
@@ -258,7 +267,7 @@ def causal_lm_target_losses(model: torch.nn.Module, batch: Mapping[str, Any]) ->
     dtype = _loss_dtype(param_dtype)
     if _batch_records(batch) == 0:
         return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model)
+    _require_eval(model, allow_training)
     labels = _get(batch, "labels", device).long()
     input_ids = _get(batch, "input_ids", device)
     if labels.shape != input_ids.shape:
