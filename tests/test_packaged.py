@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 from collections import Counter
 
@@ -235,3 +236,23 @@ def test_missing_package_says_how_to_install(monkeypatch, loader, command):
     assert isinstance(info.value, ImportError)
     assert command in str(info.value)
     assert info.value.install_command == command
+
+
+def test_smollm2_unwritable_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
+    packaged.load_smollm2()  # make sure the real cache exists
+    real_cache = packaged.cache_root() / "smollm2-135m"
+    wanted = tmp_path / "readonly"
+    targets = []
+
+    def fake_build(gguf, target, fingerprint):
+        targets.append(target)
+        if target == wanted:
+            raise PermissionError("read-only file system")
+        shutil.copytree(real_cache, target)  # stands in for the 30 s dequantisation
+
+    monkeypatch.setattr(packaged, "_build_smollm2_cache", fake_build)
+    with pytest.warns(UserWarning, match="could not write the SmolLM2 cache"):
+        model, tok = packaged.load_smollm2(cache_dir=wanted)
+    assert targets[0] == wanted and targets[1] != wanted
+    assert n_params(model) == 134_515_008 and tok.pad_token is not None
+    assert not wanted.exists()

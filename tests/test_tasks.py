@@ -361,3 +361,14 @@ def test_end_to_end_with_the_optimizer_and_accountant(minilm):
         head.load_state_dict(saved)
         for p in model.parameters():
             p.requires_grad_(True)
+
+
+def test_check_per_sample_on_tuple_batches():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "x y")
+    losses = lambda b: ((b[0] - b[1]) ** 2).sum(1) if b else torch.zeros(0)  # noqa: E731
+    x, y = torch.randn(5, 2), torch.randn(5, 2)
+    for batch in ((x, y), [x, y], Pair(x, y)):
+        check_per_sample(losses, batch)
+    assert tasks.select_records(Pair(x, y), [1, 3]).x.shape == (2, 2)

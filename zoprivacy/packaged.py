@@ -25,6 +25,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -198,20 +199,21 @@ def _build_smollm2_cache(gguf: Path, target: Path, fingerprint: dict[str, Any]) 
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF-derived config carries a quantization_config that makes the model
-    # "not serializable"; the weights are already plain float32, so drop it.
-    config_dict = model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = type(model.config).from_dict(config_dict)
-
+    # Make the folder first: an unwritable cache fails before the slow dequantisation.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF-derived config carries a quantization_config that makes the model
+        # "not serializable"; the weights are already plain float32, so drop it.
+        config_dict = model.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config = type(model.config).from_dict(config_dict)
+
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied head
         tokenizer.save_pretrained(tmp)
@@ -237,7 +239,8 @@ def load_smollm2(
     and ``accelerate``), which takes 20-40 s. The first call saves the result (safetensors,
     config and tokenizer) to ``cache_dir`` (default ``cache_root() / "smollm2-135m"``) and every
     later call loads from there in about a second. The cache records the package version and the
-    GGUF size, and is rebuilt when they change.
+    GGUF size, and is rebuilt when they change. If the cache folder cannot be written, a warning
+    says so and the model is loaded through a temporary folder (slow every time).
 
     The tokenizer has ``pad_token = eos_token`` (``<|im_end|>``) when it had none, with the
     tokenizer's own padding side (right); the closures in :mod:`zoprivacy.tasks` handle both
@@ -251,8 +254,23 @@ def load_smollm2(
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / _SMOLLM2_CACHE_NAME
     fingerprint = _smollm2_fingerprint(gguf)
     if not _cache_is_valid(folder, fingerprint):
-        _build_smollm2_cache(gguf, folder, fingerprint)
+        try:
+            _build_smollm2_cache(gguf, folder, fingerprint)
+        except OSError as exc:
+            warnings.warn(
+                f"could not write the SmolLM2 cache to {folder} ({exc}); loading through a "
+                "temporary folder instead, so every load will take 20-40 s. Set "
+                "ZOPRIVACY_CACHE to a writable folder to cache it.",
+                stacklevel=2,
+            )
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+                scratch = Path(tmp) / _SMOLLM2_CACHE_NAME
+                _build_smollm2_cache(gguf, scratch, fingerprint)
+                return _load_smollm2_folder(scratch, dtype)
+    return _load_smollm2_folder(folder, dtype)
 
+
+def _load_smollm2_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

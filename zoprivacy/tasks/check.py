@@ -64,7 +64,10 @@ def select_records(batch: Any, indices: Sequence[int]) -> Any:
         return take(batch)
     if isinstance(batch, Mapping):
         return trim_padding({k: take(v) for k, v in batch.items()})
-    return type(batch)(take(v) for v in batch)
+    items = [take(v) for v in batch]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*items)
+    return type(batch)(items)
 
 
 def _as_losses(value: Any, expected: int, what: str) -> torch.Tensor:
