@@ -162,7 +162,7 @@ def test_empty_batch_releases_pure_noise_and_updates(monkeypatch):
     assert torch.equal(stats.noisy_sum, injected * sigma * c)
     expected = theta0.clone()
     for k in range(3):
-        z = direction_tensor((D,), seed=seed, step=0, k=k, index=0).double()
+        z = direction_tensor((D,), seed=seed, step=0, k=k, index=0, dtype=torch.float64)
         expected -= lr / b * float(stats.noisy_sum[k]) * z
     assert torch.allclose(theta.detach(), expected, rtol=0, atol=1e-14)
     assert stats.batch_size == 0 and opt.steps_taken == 1 and stats.step == 0

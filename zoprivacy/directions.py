@@ -6,8 +6,11 @@ and its slice of z_k is regenerated on demand, in place, into a caller-provided 
 a :class:`torch.Generator` on the tensor's device. The seeds are public: they may be logged, and
 anyone holding ``seed`` can replay every direction of a run.
 
-Generation is always in float32 (then cast to the parameter's dtype when added), so the same seed
-gives the same z for float16, bfloat16, float32 and float64 parameters on a given device type.
+z is generated directly in each parameter's dtype (``torch.randn(..., dtype=param.dtype)``), into
+a byte scratch buffer viewed as that dtype, so no float32 copy or cast temporary of a tensor is
+ever needed. A seed therefore gives different (but equally distributed) values for float16,
+bfloat16, float32 and float64 tensors: low-precision directions are normals rounded to the
+parameter's precision, and the same rounded values are used for the perturbation and the update.
 CPU and CUDA generators are different algorithms: a run replayed on another device type sees
 different directions.
 """
@@ -21,16 +24,13 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DIRECTION_DTYPE",
     "direction_tensor",
     "draw_public_seed",
     "fill_direction_",
     "iter_direction",
+    "scratch_buffers",
     "tensor_seeds",
 ]
-
-DIRECTION_DTYPE = torch.float32
-"""dtype in which z_k is generated (then cast to each parameter's dtype)."""
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -59,13 +59,13 @@ def tensor_seeds(seed: int, step: int, k: int, num_tensors: int) -> list[int]:
 def fill_direction_(
     out: torch.Tensor, seed: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Fill ``out`` (float32) in place with standard normal values from ``seed`` and return it.
+    """Fill the floating tensor ``out`` in place with N(0, 1) values from ``seed``; return it.
 
     ``generator`` (on ``out``'s device) is re-seeded and reused when given, which avoids creating
     a generator per tensor; its previous state is discarded.
     """
-    if out.dtype != DIRECTION_DTYPE:
-        raise TypeError(f"direction buffers must be {DIRECTION_DTYPE}, got {out.dtype}")
+    if not out.is_floating_point():
+        raise TypeError(f"direction buffers must be floating point, got {out.dtype}")
     if generator is None:
         generator = torch.Generator(device=out.device)
     generator.manual_seed(seed)
@@ -84,14 +84,14 @@ def iter_direction(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(index, param, z)`` for every tensor of direction ``k`` at step ``step``.
 
-    ``z`` is a float32 view into ``scratch[param.device]`` (a flat buffer at least as large as the
-    largest tensor on that device) shaped like ``param``; it is overwritten by the next item, so
-    use it before advancing the iterator.
+    ``scratch[param.device]`` is a flat uint8 buffer with at least as many bytes as the largest
+    tensor on that device (:func:`scratch_buffers`); ``z`` is a view of it with ``param``'s dtype
+    and shape, overwritten by the next item, so use it before advancing the iterator.
     """
     seeds = tensor_seeds(seed, step, k, len(params))
     for index, (param, tensor_seed) in enumerate(zip(params, seeds, strict=True)):
-        buf = scratch[param.device]
-        view = buf[: param.numel()].view(param.shape)
+        nbytes = param.numel() * param.element_size()
+        view = scratch[param.device][:nbytes].view(param.dtype).view(param.shape)
         gen = None if generators is None else generators.get(param.device)
         fill_direction_(view, tensor_seed, gen)
         yield index, param, view
@@ -104,13 +104,24 @@ def direction_tensor(
     step: int,
     k: int,
     index: int,
+    dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Materialise one tensor slice of z_k (float32), for inspection and tests.
+    """Materialise one tensor slice of z_k, for inspection and tests.
+
+    Pass the parameter's ``dtype`` and ``device`` to get exactly the values the optimizer uses.
 
     ``index`` is the tensor's position among the trainable tensors of the optimizer (param-group
     order, frozen tensors skipped), exactly as the optimizer counts them.
     """
     seeds = tensor_seeds(seed, step, k, index + 1)
-    out = torch.empty(tuple(shape), dtype=DIRECTION_DTYPE, device=device)
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
     return fill_direction_(out, seeds[index])
+
+
+def scratch_buffers(params: Sequence[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """One flat uint8 buffer per device, with the byte size of the largest tensor there."""
+    sizes: dict[torch.device, int] = {}
+    for p in params:
+        sizes[p.device] = max(sizes.get(p.device, 0), p.numel() * p.element_size())
+    return {dev: torch.empty(n, dtype=torch.uint8, device=dev) for dev, n in sizes.items()}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from zoprivacy.directions import DIRECTION_DTYPE, draw_public_seed, iter_direction
+from zoprivacy.directions import draw_public_seed, iter_direction, scratch_buffers
 from zoprivacy.noise import NoiseSource
 from zoprivacy.stats import StepStats
 
@@ -74,10 +74,11 @@ class DPAggZO(torch.optim.Optimizer):
     published.
 
     Directions: per-tensor seeds derived from (``seed``, step, k, tensor index)
-    (:mod:`zoprivacy.directions`), generated in float32 with a :class:`torch.Generator` on the
-    parameter's device into one scratch buffer per device, sized like the largest trainable tensor
-    on that device, then added in the parameter's dtype. No copy of θ or of a whole z_k is ever
-    made; peak extra memory is that buffer plus K·|B| float64 loss differences.
+    (:mod:`zoprivacy.directions`), generated in the parameter's dtype with a
+    :class:`torch.Generator` on its device, into one scratch buffer per device with the byte size
+    of the largest trainable tensor there, and added in place in the parameter's dtype. No copy of
+    θ or of a whole z_k is ever made; peak extra memory is that buffer plus K·|B| float64 loss
+    differences (measured in ``tests/test_optimizer_memory.py``).
 
     Noise: from :class:`~zoprivacy.noise.NoiseSource`, never derived from ``seed``: OS entropy per
     step when ``noise_seed`` is None, a seeded reproducible generator (with a warning that the run
@@ -299,7 +300,7 @@ class DPAggZO(torch.optim.Optimizer):
         entries = self._trainable()
         params = [p for p, _ in entries]
         step = self._step_count
-        scratch = _scratch_buffers(params)
+        scratch = scratch_buffers(params)
         gens = {dev: torch.Generator(device=dev) for dev in scratch}
 
         deltas, loss_sum = self._probe(closure, params, step, scratch, gens)
@@ -595,14 +596,6 @@ def _check_int(name: str, value: object, *, minimum: int) -> int:
 def _check_group(group: dict[str, Any]) -> None:
     _check_real("lr", group["lr"], minimum=0.0)
     _check_real("weight_decay", group["weight_decay"], minimum=0.0)
-
-
-def _scratch_buffers(params: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
-    """One flat float32 buffer per device, as large as the largest trainable tensor there."""
-    sizes: dict[torch.device, int] = {}
-    for p in params:
-        sizes[p.device] = max(sizes.get(p.device, 0), p.numel())
-    return {dev: torch.empty(n, dtype=DIRECTION_DTYPE, device=dev) for dev, n in sizes.items()}
 
 
 def _capture_rng(cuda_devices: list[torch.device]) -> tuple[torch.Tensor, list[torch.Tensor]]:
