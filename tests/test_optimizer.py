@@ -423,3 +423,36 @@ def test_stats_are_frozen():
     with pytest.raises(AttributeError):
         stats.loss = 0.0  # type: ignore[misc]
     assert np.isfinite(stats.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_and_rng_restore():
+    """Directions come from a CUDA generator, the CUDA RNG is restored between + and −."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2).to(dev)
+    x, y = torch.randn(5, 6, device=dev), torch.randn(5, 2, device=dev)
+    draws = []
+
+    def closure():
+        draws.append(torch.rand(4, device=dev))
+        return ((model(x) - y) ** 2).sum(1)
+
+    opt = DPAggZO(
+        model.parameters(),
+        0.1,
+        num_directions=3,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=5,
+        seed=1,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = opt.step(closure)
+    for k in range(3):
+        assert torch.equal(draws[2 * k], draws[2 * k + 1])
+    assert not torch.equal(draws[0], draws[2])
+    z = direction_tensor(model.weight.shape, seed=1, step=0, k=0, index=0, device=dev)
+    assert z.device.type == "cuda"
+    assert stats.noisy_sum.device.type == "cpu" and stats.batch_size == 5
+    assert all(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), before, strict=True))

@@ -270,3 +270,23 @@ def test_accountant_requires_sample_rate_and_privacy():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _opt(theta, K=1, accountant=acct, sample_rate=0.1)
+
+
+def test_real_accountant_stops_the_run_before_touching_data():
+    from zoprivacy.accounting.accountant import RDPAccountant
+
+    acct = RDPAccountant(budget=(1.0, 1e-5))
+    theta = torch.nn.Parameter(torch.ones(D))
+    opt = _opt(theta, K=2, sigma=1.5, accountant=acct, sample_rate=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return theta.sum().reshape(1)
+
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(1000):
+            opt.step(closure)
+    assert 0 < opt.steps_taken < 1000 and acct.steps == opt.steps_taken
+    assert len(calls) == 4 * opt.steps_taken  # the refused step never called the closure
+    assert acct.get_epsilon(1e-5) <= 1.0

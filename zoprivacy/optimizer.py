@@ -334,7 +334,7 @@ class DPAggZO(torch.optim.Optimizer):
             num_directions=self._num_directions,
             normalizer=normalizer,
             noise_std=noise_std,
-            private=noise_std > 0,
+            private=noise_std > 0 and not self._noise.reproducible,
         )
 
     def _probe(

@@ -41,7 +41,8 @@ class StepStats:
         num_directions: K.
         normalizer: the divisor of the update, b in DP mode (public), |B| in MeZO mode.
         noise_std: σ·c, the per-coordinate standard deviation of v (0.0 without noise).
-        private: whether the step is a DP release (clipping and σ > 0).
+        private: whether the step is a DP release: clipping, σ > 0 and noise from OS entropy
+            (False with a user-given ``noise_seed``, whose noise is predictable).
     """
 
     noisy_sum: torch.Tensor
