@@ -89,9 +89,27 @@ def _search_orders(orders: np.ndarray, best: float) -> np.ndarray:
 
 
 #: A coarse order list used only to bracket σ (a subset: its ε is an upper bound, hence safe).
-_COARSE_ORDERS = np.array(
-    [1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024], float
-)
+_COARSE_ORDERS = np.array([1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024], float)
+
+
+def _best_order(sigma, q, steps, delta, psi, orders) -> float:
+    """argmin over ``orders`` of ε_α(σ) by ternary search (ε_α(σ) is unimodal in α in practice;
+    if it were not, the window check in :func:`_calibrate_rdp` would still keep σ safe)."""
+    cache: dict[int, float] = {}
+
+    def eps_at(k: int) -> float:
+        if k not in cache:
+            cache[k] = _rdp_epsilon(sigma, q, steps, delta, psi, orders[k : k + 1])[0]
+        return cache[k]
+
+    lo, hi = 0, len(orders) - 1
+    while hi - lo > 2:
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        if eps_at(m1) <= eps_at(m2):
+            hi = m2
+        else:
+            lo = m1
+    return float(orders[min(range(lo, hi + 1), key=eps_at)])
 
 
 def _calibrate_rdp(
@@ -99,10 +117,10 @@ def _calibrate_rdp(
 ) -> tuple[float, float, float]:
     """Returns (σ, ε achieved, best order).
 
-    ε(σ) = min over orders of ε_α(σ). Searching on any subset of the orders overstates ε, so every
-    σ found on a subset is safe; the search uses a window of orders around the current best one
-    and re-centres it until the best order is strictly inside (ε_α is unimodal in α in practice,
-    so the window then gives the same ε as the full list).
+    ε(σ) = min over orders of ε_α(σ), so σ* = min over orders of σ*_α, and searching on any
+    subset of the orders can only overstate ε: every σ found on a subset is safe. The search
+    brackets σ on a coarse subset, locates the best order by ternary search, solves on a window
+    of orders around it, and re-centres the window until the best order is strictly inside.
     """
     # 1. Reachability, extending the orders while the best one sits at the top of the list.
     floor, best = _floor_epsilon(delta, psi, orders)
@@ -119,30 +137,41 @@ def _calibrate_rdp(
     if _floor_epsilon(delta, psi, coarse)[0] >= target:
         coarse = orders
     hi = 1.0
-    while True:
-        eps_hi, best = _rdp_epsilon(hi, q, steps, delta, psi, coarse)
-        if eps_hi <= target:
-            break
+    while _rdp_epsilon(hi, q, steps, delta, psi, coarse)[0] > target:
         hi *= 2.0
     lo = hi / 2.0
     while _rdp_epsilon(lo, q, steps, delta, psi, coarse)[0] <= target:
         hi, lo = lo, lo / 2.0
-    # 3. Root search on a window of the full list, re-centred until the best order is inside.
+    # A rough root on the coarse subset tells where the best order of the full list is.
+    rough = float(
+        brentq(lambda s: _rdp_epsilon(s, q, steps, delta, psi, coarse)[0] - target, lo, hi,
+               rtol=1e-2)
+    )  # fmt: skip
+    if _rdp_epsilon(rough * 1.02, q, steps, delta, psi, coarse)[0] <= target:
+        hi = rough * 1.02
+    # 3. Root search on a window of orders, re-centred until the best order is inside it.
+    memo: dict[tuple[float, int], float] = {}
+    best = _best_order(hi, q, steps, delta, psi, orders)
     for _ in range(16):
         if best >= orders[-1] and not orders_given and orders[-1] < MAX_ORDER:
             orders = extended_orders(orders)
         window = _search_orders(orders, best)
 
         def excess(s: float, window: np.ndarray = window) -> float:
-            return _rdp_epsilon(s, q, steps, delta, psi, window)[0] - target
+            key = (s, id(window))
+            if key not in memo:
+                memo[key] = _rdp_epsilon(s, q, steps, delta, psi, window)[0] - target
+            return memo[key]
 
         if excess(hi) > 0.0:  # the window misses the best order at the top of the bracket
-            best = _rdp_epsilon(hi, q, steps, delta, psi, coarse)[1]
-            hi *= 2.0
+            best = _best_order(hi, q, steps, delta, psi, orders)
+            hi *= 1.1
             continue
         if excess(lo) <= 0.0:
             hi, lo = lo, lo / 2.0
             continue
+        if excess(hi * 0.9) > 0.0:  # narrow the bracket: σ* is close to a safe hi
+            lo = max(lo, hi * 0.9)
         sigma = float(brentq(excess, lo, hi, rtol=SIGMA_RTOL / 8, xtol=1e-12))
         nudge = SIGMA_RTOL / 8  # always return the safe side
         while excess(sigma) > 0.0:
@@ -153,8 +182,8 @@ def _calibrate_rdp(
         hi_ok = best_window < window[-1] or (window[-1] == orders[-1] and orders_given)
         if lo_ok and hi_ok:
             return sigma, eps, best_window
-        # The optimum left the window: re-centre on the full list's best order at this σ.
-        best = _rdp_epsilon(sigma, q, steps, delta, psi, orders)[1]
+        # The optimum left the window: re-centre on the best order at this σ.
+        best = _best_order(sigma, q, steps, delta, psi, orders)
         hi = sigma
     raise RuntimeError("calibration did not settle on a Rényi order; please report this bug")
 

@@ -7,6 +7,7 @@ smaller, so a numerical failure never weakens the guarantee.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -48,6 +49,39 @@ def _log_expm1(x: np.ndarray) -> np.ndarray:
         )
 
 
+def _readonly(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for arr in arrays:
+        arr.flags.writeable = False
+    return arrays
+
+
+@functools.lru_cache(maxsize=4096)
+def _integer_weights(q: float, alpha: int) -> tuple[np.ndarray, np.ndarray]:
+    """h = 2..α and log[C(α,h) (1−q)^{α−h} q^h]: the σ-free part of Lemma 6, cached because a
+    calibration evaluates the same orders at many σ."""
+    h = np.arange(2, alpha + 1, dtype=float)
+    log_binom = gammaln(alpha + 1.0) - gammaln(h + 1.0) - gammaln(alpha - h + 1.0)
+    return _readonly(h, log_binom + (alpha - h) * math.log1p(-q) + h * math.log(q))
+
+
+@functools.lru_cache(maxsize=512)
+def _fractional_weights(q: float, alpha: float, n_terms: int) -> tuple[np.ndarray, ...]:
+    """σ-free parts of the first ``n_terms`` terms of the fractional series (cached)."""
+    i = np.arange(n_terms, dtype=float)
+    j = alpha - i
+    arg = alpha - i + 1.0
+    vanishes = float(alpha).is_integer() & (arg <= 0.0)  # C(α, i) = 0 for integer α, i > α
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_binom = np.where(
+            vanishes, -np.inf, gammaln(alpha + 1.0) - gammaln(i + 1.0) - gammaln(arg)
+        )
+        sign = np.where(vanishes, 0.0, gammasgn(arg))
+    log_q, log_1mq = math.log(q), math.log1p(-q)
+    log_w0 = log_binom + i * log_q + j * log_1mq
+    log_w1 = log_binom + j * log_q + i * log_1mq
+    return _readonly(i, j, sign, log_w0, log_w1)
+
+
 def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     """log A_α for integer α >= 2 by the binomial sum of Lemma 6, written with positive terms only.
 
@@ -57,14 +91,8 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     literally subtracts nearly equal numbers when the RDP is tiny (large σ, small q); this form
     stays accurate to ~1e-13 relative (DESIGN.md, numerics).
     """
-    h = np.arange(2, alpha + 1, dtype=float)
-    log_binom = gammaln(alpha + 1.0) - gammaln(h + 1.0) - gammaln(alpha - h + 1.0)
-    log_terms = (
-        log_binom
-        + (alpha - h) * math.log1p(-q)
-        + h * math.log(q)
-        + _log_expm1(h * (h - 1.0) / (2.0 * sigma**2))
-    )
+    h, log_weights = _integer_weights(q, alpha)
+    log_terms = log_weights + _log_expm1(h * (h - 1.0) / (2.0 * sigma**2))
     return float(np.logaddexp(0.0, _logsumexp(log_terms)[0]))
 
 
@@ -80,33 +108,13 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     order cannot be computed and +inf is returned.
     """
     z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5 if q < 1.0 else -math.inf
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    n_terms = math.ceil(max(alpha, z0, 0.0)) + 256
+    # Start at a power of two so that nearby σ share the cached σ-free weights.
+    n_terms = 1 << max(9, math.ceil(math.log2(max(alpha, z0, 0.0) + 256)))
     is_integer = float(alpha).is_integer()
     while n_terms <= _FRAC_SERIES_MAX_TERMS:
-        i = np.arange(n_terms, dtype=float)
-        j = alpha - i
-        arg = alpha - i + 1.0
-        vanishes = is_integer & (arg <= 0.0)  # C(α, i) = 0 for integer α and i > α
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_binom = np.where(
-                vanishes, -np.inf, gammaln(alpha + 1.0) - gammaln(i + 1.0) - gammaln(arg)
-            )
-            sign = np.where(vanishes, 0.0, gammasgn(arg))
-        log_s0 = (
-            log_binom
-            + i * log_q
-            + j * log_1mq
-            + (i * i - i) / (2.0 * sigma**2)
-            + log_ndtr((z0 - i) / sigma)
-        )
-        log_s1 = (
-            log_binom
-            + j * log_q
-            + i * log_1mq
-            + (j * j - j) / (2.0 * sigma**2)
-            + log_ndtr((j - z0) / sigma)
-        )
+        i, j, sign, log_w0, log_w1 = _fractional_weights(q, alpha, n_terms)
+        log_s0 = log_w0 + (i * i - i) / (2.0 * sigma**2) + log_ndtr((z0 - i) / sigma)
+        log_s1 = log_w1 + (j * j - j) / (2.0 * sigma**2) + log_ndtr((j - z0) / sigma)
         log_pair = np.logaddexp(log_s0, log_s1)  # both parts share the sign of C(α, i)
         log_total, total_sign = _logsumexp(log_pair, sign)
         if not (total_sign > 0 and np.isfinite(log_total)):

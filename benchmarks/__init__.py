@@ -1,0 +1,1 @@
+"""Benchmarks for zoprivacy (run as modules: python -m benchmarks.<name>)."""
