@@ -1,8 +1,42 @@
-"""zoprivacy: differentially private zeroth-order fine-tuning (DP-AggZO, Bao et al. 2025)."""
+"""zoprivacy: differentially private zeroth-order fine-tuning (DP-AggZO, Bao et al. 2025).
+
+Main entry points: :class:`DPAggZO` (with presets :class:`DPZO` and :class:`MeZO`),
+:func:`make_private` for one-call setup, and :mod:`zoprivacy.accounting` for the privacy maths.
+"""
 
 from zoprivacy import accounting
 from zoprivacy.accounting import PrivacyBudgetExceeded
+from zoprivacy.data import (
+    EMPTY_BATCH,
+    PoissonBatchSampler,
+    expected_batch_size,
+    is_empty_batch,
+    poisson_loader,
+    release_size,
+)
+from zoprivacy.noise import PredictableNoiseWarning
+from zoprivacy.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
+from zoprivacy.private import PrivateTraining, make_private
+from zoprivacy.stats import StepStats
 
 __version__ = "0.1.0"
 
-__all__ = ["PrivacyBudgetExceeded", "__version__", "accounting"]
+__all__ = [
+    "DPZO",
+    "EMPTY_BATCH",
+    "DPAggZO",
+    "MeZO",
+    "NotPrivateWarning",
+    "PoissonBatchSampler",
+    "PredictableNoiseWarning",
+    "PrivacyBudgetExceeded",
+    "PrivateTraining",
+    "StepStats",
+    "__version__",
+    "accounting",
+    "expected_batch_size",
+    "is_empty_batch",
+    "make_private",
+    "poisson_loader",
+    "release_size",
+]

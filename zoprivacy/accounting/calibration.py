@@ -41,6 +41,8 @@ class PrivacyPlan:
         best_order: the Rényi order that gives ``epsilon`` (``nan`` for PLD, ``inf`` when the
             pure-DP bound of the size release is used).
         target_epsilon, delta, sample_rate, steps, size_fraction, accountant: the inputs.
+        orders: the Rényi orders the guarantee was computed on (extended beyond the default list
+            for small targets); an :class:`RDPAccountant` tracking this run should use them.
     """
 
     noise_multiplier: float
@@ -53,6 +55,7 @@ class PrivacyPlan:
     steps: int
     size_fraction: float
     accountant: str
+    orders: tuple[float, ...] = dataclasses.field(default=tuple(DEFAULT_ORDERS), repr=False)
 
 
 def _rdp_epsilon(sigma, q, steps, delta, psi, orders) -> tuple[float, float]:
@@ -181,7 +184,7 @@ def _calibrate_rdp(
         lo_ok = window[0] < best_window or window[0] == orders[0]
         hi_ok = best_window < window[-1] or (window[-1] == orders[-1] and orders_given)
         if lo_ok and hi_ok:
-            return sigma, eps, best_window
+            return sigma, eps, best_window, orders
         # The optimum left the window: re-centre on the best order at this σ.
         best = _best_order(sigma, q, steps, delta, psi, orders)
         hi = sigma
@@ -239,7 +242,7 @@ def calibrate(
         eps = 0.0 if psi is None else 1.0 / psi
         return PrivacyPlan(0.0, psi, eps, math.inf, **common)
     try:
-        sigma, eps, best = _calibrate_rdp(target, d, q, t, psi, alphas, orders is not None)
+        sigma, eps, best, alphas = _calibrate_rdp(target, d, q, t, psi, alphas, orders is not None)
     except ValueError as exc:
         if "cannot be reached" not in str(exc):
             raise
@@ -254,8 +257,8 @@ def calibrate(
         eps = pld_epsilon(
             noise_multiplier=sigma, sample_rate=q, steps=t, delta=d, laplace_scale=psi
         )
-        return PrivacyPlan(sigma, psi, eps, math.nan, **common)
-    return PrivacyPlan(sigma, psi, eps, best, **common)
+        return PrivacyPlan(sigma, psi, eps, math.nan, **common, orders=tuple(alphas.tolist()))
+    return PrivacyPlan(sigma, psi, eps, best, **common, orders=tuple(alphas.tolist()))
 
 
 def _max_orders() -> np.ndarray:

@@ -1,0 +1,294 @@
+"""One-call setup of a private DP-AggZO run: :func:`make_private` (Algorithm 1, lines 1-4).
+
+It calibrates σ and ψ for the target (ε, δ) (Lemma 5), releases the noisy dataset size ñ once
+(line 1), fixes the public expected batch size b = q·ñ (line 2), and builds the Poisson loader
+(line 4), an :class:`~zoprivacy.accounting.RDPAccountant` with the budget guard, and the optimizer
+that charges it at every step. :class:`PrivateTraining` bundles them and checkpoints all of it
+(parameters, optimizer, accountant, ñ) atomically, so a resumed run never re-spends the size
+release or re-counts a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
+from zoprivacy.accounting import _validate as check
+from zoprivacy.data import poisson_loader, release_size
+from zoprivacy.optimizer import DPAggZO
+
+_FORMAT = "zoprivacy.PrivateTraining/1"
+
+
+@dataclasses.dataclass
+class PrivateTraining:
+    """Everything a private run needs, returned by :func:`make_private`.
+
+    Attributes:
+        optimizer: the :class:`DPAggZO` optimizer; it charges ``accountant`` at every step.
+        loader: Poisson batches (rate ``sample_rate``), ``steps - steps_done`` of them.
+        accountant: the RDP accountant with budget (ε, δ); it already holds the size release.
+        plan: the calibration (σ, ψ, target ε, δ, q, T).
+        noisy_dataset_size: ñ, released once (public from then on).
+        sample_rate: q.
+        expected_batch_size: b = q·ñ, the public normaliser of the update.
+        params: the trainable parameters, in the optimizer's order (for checkpoints).
+    """
+
+    optimizer: DPAggZO
+    loader: torch.utils.data.DataLoader
+    accountant: RDPAccountant
+    plan: PrivacyPlan
+    noisy_dataset_size: float
+    sample_rate: float
+    expected_batch_size: float
+    params: list[torch.Tensor]
+
+    @property
+    def steps_done(self) -> int:
+        return self.optimizer.steps_taken
+
+    @property
+    def steps_left(self) -> int:
+        return self.plan.steps - self.steps_done
+
+    def epsilon_spent(self, delta: float | None = None) -> float:
+        """ε spent so far (size release + steps taken) at ``delta`` (default: the plan's δ)."""
+        return self.accountant.get_epsilon(self.plan.delta if delta is None else delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters, optimizer, accountant, ñ and the plan: all a resume needs."""
+        return {
+            "format": _FORMAT,
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "noisy_dataset_size": self.noisy_dataset_size,
+            "sample_rate": self.sample_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "plan": dataclasses.asdict(self.plan),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`state_dict` atomically (temporary file, fsync, rename): a crash while
+        saving leaves the previous checkpoint intact, never a truncated one."""
+        return atomic_save(self.state_dict(), path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _trainable(model_or_params: nn.Module | Iterable[Any]) -> list[Any]:
+    if isinstance(model_or_params, nn.Module):
+        params = [p for p in model_or_params.parameters() if p.requires_grad]
+    else:
+        params = list(model_or_params)
+    if not params:
+        raise ValueError(
+            "model_or_params has no trainable parameter: set requires_grad=True on the tensors "
+            "to fine-tune (e.g. the head and the last layers)"
+        )
+    return params
+
+
+def make_private(
+    model_or_params: nn.Module | Iterable[Any],
+    dataset: Any,
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    steps: int,
+    num_directions: int,
+    clip_norm: float,
+    lr: float,
+    expected_batch_size: float | None = None,
+    sample_rate: float | None = None,
+    perturbation_scale: float = 1e-3,
+    size_fraction: float = 0.05,
+    weight_decay: float = 0.0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    seed: int | None = None,
+    noise_seed: int | None = None,
+    sampling_generator: Any = None,
+    checkpoint: str | os.PathLike | dict[str, Any] | None = None,
+    **loader_kwargs: Any,
+) -> PrivateTraining:
+    """Set up a private DP-AggZO run on ``dataset`` that is (target ε, target δ)-DP after ``steps``.
+
+    Order of operations (nothing touches the data before the size release is charged):
+
+    1. ψ = 1/(size_fraction·ε) (paper: 5% of ε as pure DP for the size release);
+    2. ñ = max(1, n + Lap(ψ)) from OS entropy, charged once to the accountant (line 1);
+    3. q = ``sample_rate``, or q = min(1, ``expected_batch_size``/ñ) (post-processing of ñ);
+    4. σ = the smallest noise multiplier with Lemma 5's composed guarantee <= ε (:func:`calibrate`);
+    5. b = q·ñ (line 2); the optimizer normalises by b, never by the private |B|.
+
+    With ``size_fraction=0`` the dataset size n is treated as public (no release; b = q·n).
+
+    Args:
+        model_or_params: a module (its ``requires_grad`` parameters are trained) or an iterable of
+            tensors / param-group dicts.
+        dataset: a map-style dataset (``len`` and ``__getitem__``), e.g. a torch ``Dataset`` or a
+            Hugging Face ``datasets.Dataset``.
+        target_epsilon, target_delta: the budget (ε > 0, δ in (0, 1)).
+        steps: number of steps T.
+        num_directions, clip_norm, lr, perturbation_scale, weight_decay, seed, noise_seed: passed
+            to :class:`DPAggZO`.
+        expected_batch_size, sample_rate: exactly one of them.
+        collate_fn, sampling_generator, loader_kwargs: passed to :func:`poisson_loader`
+            (``sampling_generator=None`` draws batches from OS entropy).
+        checkpoint: a path or state from :meth:`PrivateTraining.save` to resume from: nothing is
+            re-released, the accountant and optimizer continue, and the loader yields the steps
+            left.
+
+    Raises:
+        ValueError: bad arguments (named), or a target that cannot be reached.
+        PrivacyBudgetExceeded: (later, from ``optimizer.step``) on a step beyond the budget.
+    """
+    params = _trainable(model_or_params)
+    n = len(dataset)
+    if checkpoint is not None:
+        return _resume(params, dataset, checkpoint, collate_fn, sampling_generator, loader_kwargs)
+    eps = check.epsilon(target_epsilon, "target_epsilon")
+    delta = check.delta(target_delta, "target_delta")
+    t = check.steps(steps)
+    frac = check.size_fraction(size_fraction)
+    if (expected_batch_size is None) == (sample_rate is None):
+        raise ValueError(
+            "pass exactly one of expected_batch_size (b; then q = b/ñ) or sample_rate (q)"
+        )
+    if expected_batch_size is not None:
+        b_wanted = check._as_real("expected_batch_size", expected_batch_size)
+        if not (b_wanted > 0 and math.isfinite(b_wanted)):
+            raise ValueError(f"expected_batch_size must be a finite number > 0, got {b_wanted}")
+    else:
+        q = check.sample_rate(sample_rate)
+    if n == 0:
+        raise ValueError("dataset is empty: there is nothing to fine-tune on")
+
+    accountant_orders = None
+    psi = None if frac == 0.0 else 1.0 / (frac * eps)
+    # The size release is charged to an unbudgeted accountant first: the budget is attached once
+    # the calibration (which spends the rest of ε on the steps) is known.
+    accountant = RDPAccountant()
+    if psi is not None:
+        noisy_n = release_size(n, psi, accountant=accountant)
+    else:
+        noisy_n = float(n)
+    if expected_batch_size is not None:
+        q = min(1.0, b_wanted / noisy_n)
+    plan = calibrate(epsilon=eps, delta=delta, sample_rate=q, steps=t, size_fraction=frac)
+    accountant_orders = plan.orders
+    budgeted = RDPAccountant(orders=accountant_orders, budget=(eps, delta))
+    budgeted.load_state_dict(
+        {**accountant.state_dict(), "orders": list(accountant_orders), "budget": [eps, delta]}
+    )
+    b = q * noisy_n
+    optimizer = DPAggZO(
+        params,
+        lr,
+        num_directions=num_directions,
+        clip_norm=clip_norm,
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=b,
+        perturbation_scale=perturbation_scale,
+        seed=seed,
+        noise_seed=noise_seed,
+        weight_decay=weight_decay,
+        accountant=budgeted,
+        sample_rate=q,
+    )
+    loader = poisson_loader(
+        dataset, q, steps=t, collate_fn=collate_fn, generator=sampling_generator, **loader_kwargs
+    )
+    return PrivateTraining(optimizer, loader, budgeted, plan, noisy_n, q, b, _flat(optimizer))
+
+
+def _flat(optimizer: DPAggZO) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs):
+    state = checkpoint
+    if not isinstance(state, dict):
+        state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"checkpoint is not a zoprivacy PrivateTraining checkpoint: {checkpoint}")
+    plan_fields = dict(state["plan"])
+    plan_fields["orders"] = tuple(plan_fields.get("orders", ()))
+    plan = PrivacyPlan(**plan_fields)
+    accountant = RDPAccountant()
+    accountant.load_state_dict(state["accountant"])
+    saved = state["params"]
+    flat = [p for p in params if not isinstance(p, dict)] or [
+        p for g in params for p in g["params"]
+    ]
+    trainable = [p for p in flat if p.requires_grad]
+    if len(saved) != len(trainable) or any(
+        s.shape != p.shape for s, p in zip(saved, trainable, strict=True)
+    ):
+        raise ValueError(
+            "checkpoint parameters do not match the model's trainable parameters (count or "
+            "shapes differ): resume with the same model and the same trainable selection"
+        )
+    zo = state["optimizer"]["zoprivacy"]
+    optimizer = DPAggZO(
+        params,
+        float(state["optimizer"]["param_groups"][0]["lr"]),
+        num_directions=zo["num_directions"],
+        clip_norm=zo["clip_norm"],
+        noise_multiplier=zo["noise_multiplier"],
+        expected_batch_size=zo["expected_batch_size"],
+        perturbation_scale=zo["perturbation_scale"],
+        seed=zo["seed"],
+        noise_seed=None,  # the checkpoint decides: OS entropy, or the saved seeded state
+        accountant=accountant,
+        sample_rate=zo["sample_rate"],
+    )
+    with torch.no_grad():
+        for p, s in zip(trainable, saved, strict=True):
+            p.copy_(s.to(device=p.device, dtype=p.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    left = plan.steps - optimizer.steps_taken
+    loader = poisson_loader(
+        dataset,
+        state["sample_rate"],
+        steps=max(left, 0),
+        collate_fn=collate_fn,
+        generator=generator,
+        **loader_kwargs,
+    )
+    return PrivateTraining(
+        optimizer,
+        loader,
+        accountant,
+        plan,
+        state["noisy_dataset_size"],
+        state["sample_rate"],
+        state["expected_batch_size"],
+        _flat(optimizer),
+    )
