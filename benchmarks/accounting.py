@@ -27,18 +27,33 @@ from benchmarks._common import RESULTS, machine, write_json
 from zoprivacy.accounting import calibrate, epsilon_and_order, get_noise_multiplier
 from zoprivacy.accounting.orders import DEFAULT_ORDERS, extended_orders
 
-RUNS = [(2.0, 0.0208, 500), (2.0, 0.0416, 1000), (2.0, 0.0416, 5000), (0.5, 0.0416, 500),
-        (0.5, 0.0416, 1000), (6.0, 0.0416, 1000)]  # fmt: skip
+RUNS = [
+    (2.0, 0.0208, 500),
+    (2.0, 0.0416, 1000),
+    (2.0, 0.0416, 5000),
+    (0.5, 0.0416, 500),
+    (0.5, 0.0416, 1000),
+    (6.0, 0.0416, 1000),
+]
 DELTA = 1e-5
 
 
 def _timed(fn: Callable[[], float], repeats: int) -> tuple[float, float]:
     times, value = [], float("nan")
     for _ in range(repeats):
+        _clear_caches()
         start = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - start)
     return value, statistics.median(times)
+
+
+def _clear_caches() -> None:
+    """zoprivacy caches σ-free weights within a calibration; start every timing cold."""
+    from zoprivacy.accounting import rdp
+
+    rdp._integer_weights.cache_clear()
+    rdp._fractional_weights.cache_clear()
 
 
 def _methods(eps: float, q: float, steps: int) -> dict[str, Callable[[], float]]:
@@ -46,8 +61,14 @@ def _methods(eps: float, q: float, steps: int) -> dict[str, Callable[[], float]]
 
     def opacus(accountant: str, tol: float) -> Callable[[], float]:
         def run() -> float:
-            return opacus_sigma(target_epsilon=eps, target_delta=DELTA, sample_rate=q, steps=steps,
-                                accountant=accountant, epsilon_tolerance=tol)  # fmt: skip
+            return opacus_sigma(
+                target_epsilon=eps,
+                target_delta=DELTA,
+                sample_rate=q,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=tol,
+            )
 
         return run
 
@@ -61,9 +82,13 @@ def _methods(eps: float, q: float, steps: int) -> dict[str, Callable[[], float]]
             )
 
         return mechanism_calibration.calibrate_dp_mechanism(
-            lambda: rdp.RdpAccountant(), event, eps, DELTA,
-            mechanism_calibration.LowerEndpointAndGuess(0.0, 1.0), tol=1e-6 * eps,
-        )  # fmt: skip
+            lambda: rdp.RdpAccountant(),
+            event,
+            eps,
+            DELTA,
+            mechanism_calibration.LowerEndpointAndGuess(0.0, 1.0),
+            tol=1e-6 * eps,
+        )
 
     return {
         "zoprivacy_rdp": lambda: get_noise_multiplier(
@@ -86,19 +111,50 @@ def main(argv: list[str] | None = None) -> None:
     ruler = extended_orders(extended_orders(DEFAULT_ORDERS))
     rows = []
     for eps, q, steps in runs:
-        for name, fn in _methods(eps, q, steps).items():
-            if args.quick and name == "opacus_prv":
-                continue
+        methods = {
+            k: v
+            for k, v in _methods(eps, q, steps).items()
+            if not (args.quick and k == "opacus_prv")
+        }
+        samples: dict[str, list[float]] = {name: [] for name in methods}
+        sigmas: dict[str, float] = {}
+        # Interleave the methods round by round, so load from other processes hits all alike.
+        for round_ in range(repeats):
+            for name, fn in methods.items():
+                if "prv" in name and round_ > 0:
+                    continue  # PRV takes seconds per call; one timing is enough
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sigmas[name], seconds = _timed(fn, 1)
+                samples[name].append(seconds)
+        for name in methods:
+            sigma = sigmas[name]
+            seconds = statistics.median(samples[name])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sigma, seconds = _timed(fn, repeats if "prv" not in name else 1)
-                achieved, _ = epsilon_and_order(noise_multiplier=sigma, sample_rate=q,
-                                                steps=steps, delta=DELTA, orders=ruler,
-                                                warn_at_edge=False)  # fmt: skip
-            rows.append(dict(epsilon=eps, sample_rate=q, steps=steps, method=name, sigma=sigma,
-                             seconds=seconds, epsilon_on_zoprivacy_rdp=achieved))  # fmt: skip
-            print(f"ε={eps:<4} q={q:<7} T={steps:<5} {name:<24} σ={sigma:.6f} "
-                  f"{seconds * 1e3:9.2f} ms  ε(σ)={achieved:.6f}")  # fmt: skip
+                achieved, _ = epsilon_and_order(
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=steps,
+                    delta=DELTA,
+                    orders=ruler,
+                    warn_at_edge=False,
+                )
+            rows.append(
+                dict(
+                    epsilon=eps,
+                    sample_rate=q,
+                    steps=steps,
+                    method=name,
+                    sigma=sigma,
+                    seconds=seconds,
+                    epsilon_on_zoprivacy_rdp=achieved,
+                )
+            )
+            print(
+                f"ε={eps:<4} q={q:<7} T={steps:<5} {name:<24} σ={sigma:.6f} "
+                f"{seconds * 1e3:9.2f} ms  ε(σ)={achieved:.6f}"
+            )
     full = []
     for eps, q, steps in runs:
         plan = calibrate(epsilon=eps, delta=DELTA, sample_rate=q, steps=steps)
@@ -106,25 +162,48 @@ def main(argv: list[str] | None = None) -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            artifact = opacus_sigma(target_epsilon=0.95 * eps, target_delta=DELTA, sample_rate=q,
-                                    steps=steps, accountant="rdp")  # fmt: skip
-        full.append(dict(epsilon=eps, sample_rate=q, steps=steps,
-                         sigma_joint_lemma5=plan.noise_multiplier, laplace_scale=plan.laplace_scale,
-                         sigma_artifact_split=artifact,
-                         noise_saving=1 - plan.noise_multiplier / artifact))  # fmt: skip
+            artifact = opacus_sigma(
+                target_epsilon=0.95 * eps,
+                target_delta=DELTA,
+                sample_rate=q,
+                steps=steps,
+                accountant="rdp",
+            )
+        full.append(
+            dict(
+                epsilon=eps,
+                sample_rate=q,
+                steps=steps,
+                sigma_joint_lemma5=plan.noise_multiplier,
+                laplace_scale=plan.laplace_scale,
+                sigma_artifact_split=artifact,
+                noise_saving=1 - plan.noise_multiplier / artifact,
+            )
+        )
     speedups = []
     for eps, q, steps in runs:
-        cell = {r["method"]: r for r in rows if (r["epsilon"], r["sample_rate"], r["steps"]) ==
-                (eps, q, steps)}  # fmt: skip
+        cell = {
+            r["method"]: r
+            for r in rows
+            if (r["epsilon"], r["sample_rate"], r["steps"]) == (eps, q, steps)
+        }
         ours = cell["zoprivacy_rdp"]["seconds"]
-        speedups.append({
-            "run": [eps, q, steps],
-            "vs_opacus_rdp_default_tol": cell["opacus_rdp_default_tol"]["seconds"] / ours,
-            "vs_opacus_rdp_tol_1e-6": cell["opacus_rdp_tol_1e-6"]["seconds"] / ours,
-            "vs_dp_accounting_rdp": cell["dp_accounting_rdp"]["seconds"] / ours,
-        })  # fmt: skip
-    payload = {"machine": machine(), "delta": DELTA, "repeats": repeats, "rows": rows,
-               "speedups": speedups, "dpaggzo_calibration": full}  # fmt: skip
+        speedups.append(
+            {
+                "run": [eps, q, steps],
+                "vs_opacus_rdp_default_tol": cell["opacus_rdp_default_tol"]["seconds"] / ours,
+                "vs_opacus_rdp_tol_1e-6": cell["opacus_rdp_tol_1e-6"]["seconds"] / ours,
+                "vs_dp_accounting_rdp": cell["dp_accounting_rdp"]["seconds"] / ours,
+            }
+        )
+    payload = {
+        "machine": machine(),
+        "delta": DELTA,
+        "repeats": repeats,
+        "rows": rows,
+        "speedups": speedups,
+        "dpaggzo_calibration": full,
+    }
     path = write_json("accounting.json" if not args.quick else "accounting_quick.json", payload)
     print(f"wrote {path}")
     if not args.quick:
@@ -141,8 +220,14 @@ def _plot(rows: list[dict], runs: list[tuple]) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(methods)
     for m_idx, method in enumerate(methods):
-        times = [next(r["seconds"] for r in rows if r["method"] == method and
-                      (r["epsilon"], r["sample_rate"], r["steps"]) == run) for run in runs]  # fmt: skip
+        times = [
+            next(
+                r["seconds"]
+                for r in rows
+                if r["method"] == method and (r["epsilon"], r["sample_rate"], r["steps"]) == run
+            )
+            for run in runs
+        ]
         ax.bar([i + m_idx * width for i in range(len(runs))], times, width, label=method)
     ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))])

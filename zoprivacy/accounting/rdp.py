@@ -109,7 +109,7 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     """
     z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5 if q < 1.0 else -math.inf
     # Start at a power of two so that nearby σ share the cached σ-free weights.
-    n_terms = 1 << max(9, math.ceil(math.log2(max(alpha, z0, 0.0) + 256)))
+    n_terms = 1 << max(7, math.ceil(math.log2(max(alpha, z0, 0.0) + 64)))
     is_integer = float(alpha).is_integer()
     while n_terms <= _FRAC_SERIES_MAX_TERMS:
         i, j, sign, log_w0, log_w1 = _fractional_weights(q, alpha, n_terms)
@@ -123,8 +123,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
             return float(log_total)  # finite sum: nothing was truncated
         # Tail bound: the last terms must alternate and shrink, and the last one must be tiny.
         tail = log_pair[-64:]
-        shrinking = bool(np.all(np.diff(tail) < 0.0))
-        alternating = bool(np.all(sign[-64:-1] * sign[-63:] < 0.0))
+        shrinking = bool((tail[1:] < tail[:-1]).all())
+        alternating = bool((sign[-64:-1] * sign[-63:] < 0.0).all())
         if shrinking and alternating and tail[-1] - log_total < math.log(_FRAC_SERIES_RTOL):
             return float(log_total)
         n_terms *= 2
