@@ -27,7 +27,7 @@ from zoprivacy.accounting.rdp import rdp_laplace
 #: Relative precision of the noise multiplier returned by :func:`calibrate`.
 SIGMA_RTOL = 1e-6
 #: Number of orders around the current best one used during the root search (see _search_orders).
-_WINDOW = 3
+_WINDOW = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _search_orders(orders: np.ndarray, best: float) -> np.ndarray:
 
 
 #: A coarse order list used only to bracket σ (a subset: its ε is an upper bound, hence safe).
-_COARSE_ORDERS = np.array([1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024], float)
+_COARSE_ORDERS = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256], float)
 
 
 def _best_order(sigma, q, steps, delta, psi, orders) -> float:
@@ -139,18 +139,22 @@ def _calibrate_rdp(
     coarse = orders if orders_given else _COARSE_ORDERS
     if _floor_epsilon(delta, psi, coarse)[0] >= target:
         coarse = orders
+    coarse_memo: dict[float, float] = {}
+
+    def coarse_excess(s: float) -> float:
+        if s not in coarse_memo:
+            coarse_memo[s] = _rdp_epsilon(s, q, steps, delta, psi, coarse)[0] - target
+        return coarse_memo[s]
+
     hi = 1.0
-    while _rdp_epsilon(hi, q, steps, delta, psi, coarse)[0] > target:
+    while coarse_excess(hi) > 0.0:
         hi *= 2.0
     lo = hi / 2.0
-    while _rdp_epsilon(lo, q, steps, delta, psi, coarse)[0] <= target:
+    while coarse_excess(lo) <= 0.0:
         hi, lo = lo, lo / 2.0
     # A rough root on the coarse subset tells where the best order of the full list is.
-    rough = float(
-        brentq(lambda s: _rdp_epsilon(s, q, steps, delta, psi, coarse)[0] - target, lo, hi,
-               rtol=1e-2)
-    )  # fmt: skip
-    if _rdp_epsilon(rough * 1.02, q, steps, delta, psi, coarse)[0] <= target:
+    rough = float(brentq(coarse_excess, lo, hi, rtol=1e-2))
+    if coarse_excess(rough * 1.02) <= 0.0:
         hi = rough * 1.02
     # 3. Root search on a window of orders, re-centred until the best order is inside it.
     memo: dict[tuple[float, int], float] = {}
@@ -170,12 +174,13 @@ def _calibrate_rdp(
             best = _best_order(hi, q, steps, delta, psi, orders)
             hi *= 1.1
             continue
-        if excess(lo) <= 0.0:
-            hi, lo = lo, lo / 2.0
-            continue
-        if excess(hi * 0.9) > 0.0:  # narrow the bracket: σ* is close to a safe hi
-            lo = max(lo, hi * 0.9)
-        sigma = float(brentq(excess, lo, hi, rtol=SIGMA_RTOL / 8, xtol=1e-12))
+        near = hi * 0.9  # σ* is usually within 10% of a safe hi: try the narrow bracket first
+        if excess(near) <= 0.0:
+            near = lo
+            if excess(lo) <= 0.0:
+                hi, lo = lo, lo / 2.0
+                continue
+        sigma = float(brentq(excess, near, hi, rtol=SIGMA_RTOL / 8, xtol=1e-12))
         nudge = SIGMA_RTOL / 8  # always return the safe side
         while excess(sigma) > 0.0:
             sigma *= 1.0 + nudge
