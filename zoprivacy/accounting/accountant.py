@@ -178,13 +178,12 @@ class RDPAccountant:
         d = _validate.delta(delta)
         if not self._history:
             return 0.0, math.nan
-        eps, order = rdp_to_dp(self.orders, self._rdp, d)
         only_laplace = [e for e in self._history if e["mechanism"] == "laplace"]
-        if len(only_laplace) == len(self._history):  # pure DP of the size release is better
+        if len(only_laplace) == len(self._history):  # the pure-DP bound 1/ψ may be better
+            eps, order = rdp_to_dp(self.orders, self._rdp, d, warn_at_edge=False)
             pure = 1.0 / only_laplace[0]["laplace_scale"]
-            if pure <= eps:
-                return pure, math.inf
-        return eps, order
+            return (pure, math.inf) if pure <= eps else (eps, order)
+        return rdp_to_dp(self.orders, self._rdp, d)
 
     def get_epsilon(self, delta: float) -> float:
         """ε of everything released so far, for the given δ."""
