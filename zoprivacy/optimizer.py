@@ -8,6 +8,7 @@ size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the caller, who p
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from zoprivacy.directions import draw_public_seed, iter_direction, scratch_buffers
+from zoprivacy.distributed import DataParallel
 from zoprivacy.noise import NoiseSource
 from zoprivacy.stats import StepStats
 
@@ -125,6 +127,14 @@ class DPAggZO(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (≥ 0).
         accountant: object with ``step(noise_multiplier=..., sample_rate=..., steps=1)``.
         sample_rate: q ∈ (0, 1], required with ``accountant``.
+        process_group: None (one process) or a ``torch.distributed`` process group (or a
+            :class:`~zoprivacy.distributed.DataParallel` around one) to make every step data
+            parallel: each rank's closure returns the losses of its own records only; the
+            clipped K-sums are all-reduced, group rank 0 alone draws the noise and broadcasts S,
+            and every rank applies the same update (O(K) floats per step, see
+            :mod:`zoprivacy.distributed`). The returned stats are then global (all ranks'
+            records). With ``seed=None`` rank 0 draws the direction seed and broadcasts it; the
+            construction checks that every rank has the same configuration and parameters.
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class DPAggZO(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         accountant: Any | None = None,
         sample_rate: float | None = None,
+        process_group: Any | None = None,
     ) -> None:
         lr = _check_real("lr", lr, minimum=0.0)
         weight_decay = _check_real("weight_decay", weight_decay, minimum=0.0)
@@ -200,10 +211,15 @@ class DPAggZO(torch.optim.Optimizer):
         self._perturbation_scale = perturbation_scale
         self._sample_rate = sample_rate
         self._accountant = accountant
+        self._dp = None if process_group is None else DataParallel.wrap(process_group)
+        if self._dp is not None:
+            seed = self._dp.agree_on_seed(seed)  # rank 0 draws it (if None) and broadcasts it
         self._seed = draw_public_seed() if seed is None else seed
         self._step_count = 0
         self._noise = NoiseSource(noise_seed)
         self._warn_if_not_private()
+        if self._dp is not None:
+            self._dp.verify(self)  # same configuration and bit-identical parameters everywhere
 
     # ------------------------------------------------------------------ read-only configuration
     @property
@@ -240,6 +256,11 @@ class DPAggZO(torch.optim.Optimizer):
     def seed(self) -> int:
         """Public seed of the directions."""
         return self._seed
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The :class:`~zoprivacy.distributed.DataParallel` collectives, or None (one process)."""
+        return self._dp
 
     @property
     def steps_taken(self) -> int:
@@ -303,15 +324,29 @@ class DPAggZO(torch.optim.Optimizer):
         scratch = scratch_buffers(params)
         gens = {dev: torch.Generator(device=dev) for dev in scratch}
 
-        deltas, loss_sum = self._probe(closure, params, step, scratch, gens)
+        try:
+            deltas, loss_sum = self._probe(closure, params, step, scratch, gens)
+        except BaseException:
+            if self._dp is not None:
+                self._dp.abort(self, step)  # the peers raise now, not after the timeout
+            raise
         batch = deltas.shape[0]
         agg = deltas / self._num_directions  # line 12, shape [|B|, K]
         clipped, clip_fraction, max_err, batch_err = self._clip(agg)  # line 13, eqs. 26-27
         noisy_sum = clipped.sum(dim=0)
+        if self._dp is not None:  # data parallel: sum every rank's clipped records (O(K) floats)
+            noisy_sum, batch, loss_sum, clip_fraction, max_err, batch_err = self._dp.reduce(
+                self, step, agg, clipped, clip_fraction, max_err, loss_sum
+            )
         noise_std = 0.0
+        draw = None
         if self._clip_norm is not None and self._noise_multiplier > 0:
             noise_std = self._noise_multiplier * self._clip_norm
-            noisy_sum = noisy_sum + self._noise.sample(self._num_directions, noise_std)  # line 15
+            draw = functools.partial(self._noise.sample, self._num_directions, noise_std)
+        if self._dp is not None:  # rank 0 alone draws v and broadcasts S = Σ + v (line 15)
+            noisy_sum = self._dp.release(step, noisy_sum, draw)
+        elif draw is not None:
+            noisy_sum = noisy_sum + draw()  # line 15
 
         if self.is_mezo:
             normalizer = float(batch)
@@ -523,6 +558,7 @@ class DPZO(DPAggZO):
         weight_decay: float = 0.0,
         accountant: Any | None = None,
         sample_rate: float | None = None,
+        process_group: Any | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -537,6 +573,7 @@ class DPZO(DPAggZO):
             weight_decay=weight_decay,
             accountant=accountant,
             sample_rate=sample_rate,
+            process_group=process_group,
         )
 
 
@@ -555,6 +592,7 @@ class MeZO(DPAggZO):
         num_directions: int = 1,
         seed: int | None = None,
         weight_decay: float = 0.0,
+        process_group: Any | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -565,6 +603,7 @@ class MeZO(DPAggZO):
             perturbation_scale=perturbation_scale,
             seed=seed,
             weight_decay=weight_decay,
+            process_group=process_group,
         )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
 from zoprivacy.accounting import _validate as check
 from zoprivacy.data import poisson_loader, release_size
+from zoprivacy.distributed import distributed_poisson_loader, is_root, release_size_distributed
 from zoprivacy.optimizer import DPAggZO
 
 _FORMAT = "zoprivacy.PrivateTraining/1"
@@ -42,6 +43,7 @@ class PrivateTraining:
         sample_rate: q.
         expected_batch_size: b = q·ñ, the public normaliser of the update.
         params: the trainable parameters, in the optimizer's order (for checkpoints).
+        process_group: the data-parallel group, or None (one process).
     """
 
     optimizer: DPAggZO
@@ -52,6 +54,7 @@ class PrivateTraining:
     sample_rate: float
     expected_batch_size: float
     params: list[torch.Tensor]
+    process_group: Any = None
 
     @property
     def steps_done(self) -> int:
@@ -80,7 +83,12 @@ class PrivateTraining:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` atomically (temporary file, fsync, rename): a crash while
-        saving leaves the previous checkpoint intact, never a truncated one."""
+        saving leaves the previous checkpoint intact, never a truncated one.
+
+        Data parallel: only group rank 0 writes (every rank holds the same state, and the
+        checkpoint has nothing specific to the world size); other ranks return ``path``."""
+        if not is_root(self.process_group):
+            return Path(path)
         return atomic_save(self.state_dict(), path)
 
 
@@ -135,6 +143,7 @@ def make_private(
     noise_seed: int | None = None,
     sampling_generator: Any = None,
     checkpoint: str | os.PathLike | dict[str, Any] | None = None,
+    process_group: Any = None,
     **loader_kwargs: Any,
 ) -> PrivateTraining:
     """Set up a private DP-AggZO run on ``dataset`` that is (target ε, target δ)-DP after ``steps``.
@@ -164,6 +173,13 @@ def make_private(
         checkpoint: a path or state from :meth:`PrivateTraining.save` to resume from: nothing is
             re-released, the accountant and optimizer continue, and the loader yields the steps
             left.
+        process_group: None (one process) or a ``torch.distributed`` process group, to run data
+            parallel (e.g. under ``torchrun``): every rank passes the same model weights and the
+            *whole* dataset; group rank 0 alone releases ñ and broadcasts it (every rank's
+            accountant is charged identically, so the budget guard fires on every rank at the
+            same step); every rank gets the same σ and b; the loader yields this rank's part of
+            each Poisson batch (:class:`~zoprivacy.distributed.DistributedPoissonSampler`); only
+            rank 0 writes checkpoints, which resume on any world size.
 
     Raises:
         ValueError: bad arguments (named), or a target that cannot be reached.
@@ -172,7 +188,15 @@ def make_private(
     params = _trainable(model_or_params)
     n = len(dataset)
     if checkpoint is not None:
-        return _resume(params, dataset, checkpoint, collate_fn, sampling_generator, loader_kwargs)
+        return _resume(
+            params,
+            dataset,
+            checkpoint,
+            collate_fn,
+            sampling_generator,
+            loader_kwargs,
+            process_group,
+        )
     eps = check.epsilon(target_epsilon, "target_epsilon")
     delta = check.delta(target_delta, "target_delta")
     t = check.steps(steps)
@@ -195,7 +219,11 @@ def make_private(
     # The size release is charged to an unbudgeted accountant first: the budget is attached once
     # the calibration (which spends the rest of ε on the steps) is known.
     accountant = RDPAccountant()
-    if psi is not None:
+    if process_group is not None:  # rank 0 releases ñ once, every rank is charged and gets it
+        noisy_n = release_size_distributed(
+            n, psi, accountant=accountant, process_group=process_group
+        )
+    elif psi is not None:
         noisy_n = release_size(n, psi, accountant=accountant)
     else:
         noisy_n = float(n)
@@ -221,18 +249,35 @@ def make_private(
         weight_decay=weight_decay,
         accountant=budgeted,
         sample_rate=q,
+        process_group=process_group,
     )
-    loader = poisson_loader(
-        dataset, q, steps=t, collate_fn=collate_fn, generator=sampling_generator, **loader_kwargs
+    loader = _loader(dataset, q, t, collate_fn, sampling_generator, process_group, loader_kwargs)
+    return PrivateTraining(
+        optimizer, loader, budgeted, plan, noisy_n, q, b, _flat(optimizer), process_group
     )
-    return PrivateTraining(optimizer, loader, budgeted, plan, noisy_n, q, b, _flat(optimizer))
+
+
+def _loader(dataset, q, steps, collate_fn, generator, process_group, loader_kwargs):
+    if process_group is None:
+        return poisson_loader(
+            dataset, q, steps=steps, collate_fn=collate_fn, generator=generator, **loader_kwargs
+        )
+    return distributed_poisson_loader(
+        dataset,
+        q,
+        steps=steps,
+        process_group=process_group,
+        collate_fn=collate_fn,
+        generator=generator,
+        **loader_kwargs,
+    )
 
 
 def _flat(optimizer: DPAggZO) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
-def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs):
+def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, process_group):
     state = checkpoint
     if not isinstance(state, dict):
         state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
@@ -256,6 +301,9 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs):
             "shapes differ): resume with the same model and the same trainable selection"
         )
     zo = state["optimizer"]["zoprivacy"]
+    with torch.no_grad():  # before DPAggZO, which checks the parameters across ranks
+        for p, s in zip(trainable, saved, strict=True):
+            p.copy_(s.to(device=p.device, dtype=p.dtype))
     optimizer = DPAggZO(
         params,
         float(state["optimizer"]["param_groups"][0]["lr"]),
@@ -268,19 +316,18 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs):
         noise_seed=None,  # the checkpoint decides: OS entropy, or the saved seeded state
         accountant=accountant,
         sample_rate=zo["sample_rate"],
+        process_group=process_group,
     )
-    with torch.no_grad():
-        for p, s in zip(trainable, saved, strict=True):
-            p.copy_(s.to(device=p.device, dtype=p.dtype))
     optimizer.load_state_dict(state["optimizer"])
     left = plan.steps - optimizer.steps_taken
-    loader = poisson_loader(
+    loader = _loader(
         dataset,
         state["sample_rate"],
-        steps=max(left, 0),
-        collate_fn=collate_fn,
-        generator=generator,
-        **loader_kwargs,
+        max(left, 0),
+        collate_fn,
+        generator,
+        process_group,
+        loader_kwargs,
     )
     return PrivateTraining(
         optimizer,
@@ -291,4 +338,5 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs):
         state["sample_rate"],
         state["expected_batch_size"],
         _flat(optimizer),
+        process_group,
     )
