@@ -1,0 +1,52 @@
+"""The ``zoprivacy finetune`` job: a real private fine-tune of a packaged model, end to end.
+
+Importing this package registers the sub-command with :mod:`zoprivacy.cli`::
+
+    zoprivacy finetune                       # DP-AggZO, MiniLM on Rotten Tomatoes, ε = 2
+    zoprivacy finetune --method dpadamw      # the first-order baseline, same accounting
+    zoprivacy finetune --output DIR --resume # continue an interrupted run
+
+From Python, :func:`main` takes the same arguments as the command line. See
+:mod:`zoprivacy.finetune._outputs` for what the output folder holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zoprivacy.cli import register_command
+from zoprivacy.finetune._job import (
+    COMMON_DEFAULTS,
+    METHOD_DEFAULTS,
+    TRAINABLE_DEFAULTS,
+    FinetuneConfig,
+    add_arguments,
+    resolve_config,
+    run,
+)
+from zoprivacy.finetune._setup import MODELS, TASKS, SetupError
+from zoprivacy.finetune._train import METHODS
+
+__all__ = [
+    "COMMON_DEFAULTS",
+    "METHODS",
+    "METHOD_DEFAULTS",
+    "MODELS",
+    "TASKS",
+    "TRAINABLE_DEFAULTS",
+    "FinetuneConfig",
+    "SetupError",
+    "add_arguments",
+    "main",
+    "resolve_config",
+    "run",
+]
+
+register_command("finetune", add_arguments, run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``zoprivacy finetune`` with ``argv`` (the arguments after ``finetune``)."""
+    from zoprivacy.cli import main as cli_main
+
+    return cli_main(["finetune", *(argv or [])])

@@ -1,0 +1,437 @@
+"""The training back-ends of ``zoprivacy finetune``: one class per family of methods.
+
+Every trainer exposes the same small surface to the job loop:
+
+* ``loader``: the Poisson batches still to run (``steps_total - steps_done`` of them);
+* ``step(batch) -> dict``: one step; returns the step's non-private diagnostics;
+* ``save(path)``: an atomic checkpoint from which ``resume`` continues exactly;
+* ``epsilon_spent()``: ε so far (``None`` for non-private methods);
+* ``privacy``: the public facts of the guarantee (σ, ψ, q, b, T, ...), for the report.
+
+Private methods (``dpaggzo``, ``dpzo``, ``dpadamw``) share one accounting: ψ = 1/(0.05·ε) for the
+release of ñ = n + Lap(ψ) (once), q = b/ñ, σ from :func:`zoprivacy.accounting.calibrate`, and a
+budgeted :class:`~zoprivacy.accounting.RDPAccountant` charged once per step *before* the step
+touches its batch. ``dpaggzo``/``dpzo`` get all of this from :func:`zoprivacy.make_private`;
+``dpadamw`` builds the same pieces around Opacus's ``GradSampleModule`` and ``DPOptimizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zoprivacy import MeZO, make_private
+from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
+from zoprivacy.data import PredictableSamplingWarning, is_empty_batch, poisson_loader, release_size
+from zoprivacy.optimizer import NotPrivateWarning
+from zoprivacy.private import atomic_save
+from zoprivacy.tasks import collate_trimmed
+
+from ._setup import Classifier
+
+PRIVATE_METHODS = ("dpaggzo", "dpzo", "dpadamw")
+ZO_METHODS = ("dpaggzo", "dpzo", "mezo")
+FIRST_ORDER_METHODS = ("dpadamw", "adamw")
+METHODS = ("dpaggzo", "dpzo", "mezo", "dpadamw", "adamw", "zeroshot")
+
+SIZE_FRACTION = 0.05  # share of ε spent on releasing ñ (the paper's choice)
+
+_FORMAT = "zoprivacy.finetune/1"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """The hyper-parameters a trainer needs (already resolved and validated)."""
+
+    method: str
+    steps: int
+    lr: float
+    batch_size: float
+    directions: int
+    clip_norm: float
+    perturbation_scale: float
+    weight_decay: float
+    epsilon: float
+    delta: float
+    seed: int
+
+
+def _diag(
+    loss: float,
+    clip_fraction: float,
+    batch_clip_error: float,
+    max_clip_error: float,
+    batch_size: int,
+) -> dict[str, float]:
+    return {
+        "loss": loss,
+        "clip_fraction": clip_fraction,
+        "batch_clip_error": batch_clip_error,
+        "max_clip_error": max_clip_error,
+        "batch_size": batch_size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# zeroth-order methods
+# ---------------------------------------------------------------------------------------------
+
+
+class ZerothOrderTrainer:
+    """``dpaggzo`` / ``dpzo`` (through :func:`zoprivacy.make_private`) and ``mezo``."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        dataset: Any,
+        settings: TrainSettings,
+        *,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.settings = settings
+        self.private = settings.method in PRIVATE_METHODS
+        params = classifier.trainable_parameters()
+        if self.private:
+            k = 1 if settings.method == "dpzo" else settings.directions
+            self.run = make_private(
+                params,
+                dataset,
+                target_epsilon=settings.epsilon,
+                target_delta=settings.delta,
+                steps=settings.steps,
+                num_directions=k,
+                clip_norm=settings.clip_norm,
+                lr=settings.lr,
+                expected_batch_size=settings.batch_size,
+                perturbation_scale=settings.perturbation_scale,
+                weight_decay=settings.weight_decay,
+                size_fraction=SIZE_FRACTION,
+                collate_fn=collate_trimmed,
+                seed=settings.seed,
+                checkpoint=None if checkpoint is None else checkpoint["training"],
+            )
+            self.optimizer = self.run.optimizer
+            self.loader = self.run.loader
+            self.steps_total = self.run.plan.steps
+        else:  # MeZO: no clipping, no noise, normalised by the actual |B|; n is not private
+            n = len(dataset)
+            q = min(1.0, settings.batch_size / n)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotPrivateWarning)
+                self.optimizer = MeZO(
+                    params,
+                    settings.lr,
+                    num_directions=settings.directions,
+                    perturbation_scale=settings.perturbation_scale,
+                    seed=settings.seed,
+                    weight_decay=settings.weight_decay,
+                )
+            self.steps_total = settings.steps
+            if checkpoint is not None:
+                state = checkpoint["training"]
+                with torch.no_grad():
+                    for p, s in zip(params, state["params"], strict=True):
+                        p.copy_(s)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotPrivateWarning)
+                    self.optimizer.load_state_dict(state["optimizer"])
+            self.sample_rate = q
+            left = self.steps_total - self.optimizer.steps_taken
+            self.loader = poisson_loader(dataset, q, steps=max(left, 0), collate_fn=collate_trimmed)
+
+    @property
+    def steps_done(self) -> int:
+        return self.optimizer.steps_taken
+
+    def step(self, batch: Any) -> dict[str, float]:
+        losses = self.classifier.losses
+        stats = self.optimizer.step(lambda: losses(batch))
+        return _diag(
+            stats.loss,
+            stats.clip_fraction,
+            stats.batch_clip_error,
+            stats.max_clip_error,
+            stats.batch_size,
+        )
+
+    def save(self, path: Any) -> None:
+        if self.private:
+            training = self.run.state_dict()
+        else:
+            params = self.classifier.trainable_parameters()
+            training = {
+                "params": [p.detach().cpu().clone() for p in params],
+                "optimizer": self.optimizer.state_dict(),
+            }
+        atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
+
+    def epsilon_spent(self) -> float | None:
+        return self.run.epsilon_spent() if self.private else None
+
+    @property
+    def accountant(self) -> RDPAccountant | None:
+        return self.run.accountant if self.private else None
+
+    @property
+    def privacy(self) -> dict[str, Any]:
+        if not self.private:
+            return {"private": False, "sample_rate": self.sample_rate}
+        return _privacy_facts(
+            self.run.plan,
+            self.run.sample_rate,
+            self.run.expected_batch_size,
+            self.run.noisy_dataset_size,
+            self.optimizer.clip_norm,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# first-order methods
+# ---------------------------------------------------------------------------------------------
+
+
+class FirstOrderTrainer:
+    """``dpadamw`` (Opacus per-sample gradients, our accounting) and non-private ``adamw``."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        dataset: Any,
+        settings: TrainSettings,
+        *,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.settings = settings
+        self.private = settings.method == "dpadamw"
+        self.params = classifier.trainable_parameters()
+        self.module = classifier.grad_module()
+        state = None if checkpoint is None else checkpoint["training"]
+        if state is not None:
+            with torch.no_grad():
+                for p, s in zip(self.params, state["params"], strict=True):
+                    p.copy_(s)
+        self.steps_total = settings.steps
+        self._steps_done = 0 if state is None else int(state["steps_done"])
+        adamw = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        if self.private:
+            self._setup_private(dataset, adamw, state)
+        else:
+            n = len(dataset)
+            self.sample_rate = min(1.0, settings.batch_size / n)
+            self.optimizer = adamw
+            self.net = self.module
+        if state is not None:
+            adamw.load_state_dict(state["optimizer"])
+        left = self.steps_total - self._steps_done
+        self.loader = poisson_loader(
+            dataset, self.sample_rate, steps=max(left, 0), collate_fn=collate_trimmed
+        )
+
+    def _setup_private(self, dataset: Any, adamw: torch.optim.Optimizer, state: Any) -> None:
+        try:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+        except ImportError:
+            raise ImportError(
+                "--method dpadamw needs Opacus: pip install opacus (or 'zoprivacy[bench]')"
+            ) from None
+        s = self.settings
+        if state is None:
+            # The same order as make_private: release ñ once, then q = b/ñ, then σ.
+            psi = 1.0 / (SIZE_FRACTION * s.epsilon)
+            first = RDPAccountant()
+            noisy_n = release_size(len(dataset), psi, accountant=first)
+            q = min(1.0, s.batch_size / noisy_n)
+            plan = calibrate(
+                epsilon=s.epsilon,
+                delta=s.delta,
+                sample_rate=q,
+                steps=s.steps,
+                size_fraction=SIZE_FRACTION,
+            )
+            accountant = RDPAccountant(orders=plan.orders, budget=(s.epsilon, s.delta))
+            accountant.load_state_dict(
+                {
+                    **first.state_dict(),
+                    "orders": list(plan.orders),
+                    "budget": [s.epsilon, s.delta],
+                }
+            )
+        else:
+            fields = dict(state["plan"])
+            fields["orders"] = tuple(fields.get("orders", ()))
+            plan = PrivacyPlan(**fields)
+            noisy_n = float(state["noisy_dataset_size"])
+            q = float(state["sample_rate"])
+            accountant = RDPAccountant()
+            accountant.load_state_dict(state["accountant"])
+        self.plan = plan
+        self.accountant = accountant
+        self.noisy_dataset_size = noisy_n
+        self.sample_rate = q
+        self.expected_batch_size = q * noisy_n
+        self.steps_total = plan.steps
+        self.net = GradSampleModule(self.module, batch_first=True, loss_reduction="mean")
+        # Opacus draws float Gaussian noise from this generator; it is seeded from OS entropy and
+        # never from the public seed (secure_mode would need torchcsprng).
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.optimizer = DPOptimizer(
+            adamw,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=s.clip_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+        )
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
+
+    def step(self, batch: Any) -> dict[str, float]:
+        if self.private:
+            # charged before the batch is touched: a step beyond the budget raises here
+            self.accountant.step(
+                noise_multiplier=self.plan.noise_multiplier, sample_rate=self.sample_rate
+            )
+        model = self.classifier.model
+        model.train()
+        try:
+            diag = self._private_step(batch) if self.private else self._plain_step(batch)
+        finally:
+            model.eval()
+        self._steps_done += 1
+        return diag
+
+    def _forward_losses(self, batch: Any) -> torch.Tensor:
+        logits = self.net(batch)
+        return F.cross_entropy(logits.float(), batch["labels"].long(), reduction="none")
+
+    def _plain_step(self, batch: Any) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if is_empty_batch(batch):
+            return _diag(math.nan, 0.0, 0.0, 0.0, 0)
+        losses = self._forward_losses(batch)
+        losses.mean().backward()
+        self.optimizer.step()
+        return _diag(float(losses.detach().mean()), 0.0, 0.0, 0.0, int(losses.numel()))
+
+    def _private_step(self, batch: Any) -> dict[str, float]:
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if is_empty_batch(batch):
+            # An empty Poisson batch is still a step: zero per-sample gradients, noise added.
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            opt.step()
+            return _diag(math.nan, 0.0, 0.0, 0.0, 0)
+        losses = self._forward_losses(batch)
+        with warnings.catch_warnings():
+            # cached (frozen) inputs do not require gradients; Opacus's hooks still fire
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.mean().backward()
+        diag = _clip_diagnostics([p.grad_sample for p in self.params], self.settings.clip_norm)
+        opt.step()
+        return _diag(float(losses.detach().mean()), *diag, int(losses.numel()))
+
+    def save(self, path: Any) -> None:
+        adamw = self.optimizer.original_optimizer if self.private else self.optimizer
+        training: dict[str, Any] = {
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": adamw.state_dict(),
+            "steps_done": self._steps_done,
+        }
+        if self.private:
+            training.update(
+                {
+                    "accountant": self.accountant.state_dict(),
+                    "noisy_dataset_size": self.noisy_dataset_size,
+                    "sample_rate": self.sample_rate,
+                    "expected_batch_size": self.expected_batch_size,
+                    "plan": dataclasses.asdict(self.plan),
+                }
+            )
+        atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
+
+    def epsilon_spent(self) -> float | None:
+        return self.accountant.get_epsilon(self.plan.delta) if self.private else None
+
+    @property
+    def privacy(self) -> dict[str, Any]:
+        if not self.private:
+            return {"private": False, "sample_rate": self.sample_rate}
+        return _privacy_facts(
+            self.plan,
+            self.sample_rate,
+            self.expected_batch_size,
+            self.noisy_dataset_size,
+            self.settings.clip_norm,
+        )
+
+    def close(self) -> None:
+        """Remove Opacus's hooks from the model (evaluation then runs the plain model)."""
+        if self.private:
+            self.net._close()
+
+
+def _clip_diagnostics(grad_samples: list[torch.Tensor], c: float) -> tuple[float, float, float]:
+    """Clip fraction, batch clipping error (eq. 27) and max individual error (eq. 26) of the
+    per-sample gradients, with Opacus's clipping factors min(1, c/(‖g‖ + 1e-6))."""
+    flat = [g.reshape(g.shape[0], -1).double() for g in grad_samples]
+    norms = torch.stack([f.norm(dim=1) for f in flat], dim=1).norm(dim=1)
+    factors = (c / (norms + 1e-6)).clamp(max=1.0)
+    clip_fraction = float((norms > c).double().mean())
+    max_err = float((1.0 - factors).max())
+    num = math.sqrt(sum(float(((1.0 - factors)[:, None] * f).sum(0).square().sum()) for f in flat))
+    den = math.sqrt(sum(float(f.sum(0).square().sum()) for f in flat))
+    if num == 0.0:
+        batch_err = 0.0
+    elif den == 0.0:
+        batch_err = math.inf
+    else:
+        batch_err = num / den
+    return clip_fraction, batch_err, max_err
+
+
+def _privacy_facts(
+    plan: PrivacyPlan, q: float, b: float, noisy_n: float, clip_norm: float | None
+) -> dict[str, Any]:
+    return {
+        "private": True,
+        "noise_multiplier": plan.noise_multiplier,
+        "laplace_scale": plan.laplace_scale,
+        "size_fraction": plan.size_fraction,
+        "sample_rate": q,
+        "expected_batch_size": b,
+        "noisy_dataset_size": noisy_n,
+        "clip_norm": clip_norm,
+        "steps_planned": plan.steps,
+        "target_epsilon": plan.target_epsilon,
+        "delta": plan.delta,
+        "calibrated_epsilon": plan.epsilon,
+    }
+
+
+def make_trainer(
+    classifier: Classifier,
+    dataset: Any,
+    settings: TrainSettings,
+    *,
+    checkpoint: dict[str, Any] | None = None,
+) -> ZerothOrderTrainer | FirstOrderTrainer:
+    """The trainer for ``settings.method`` (not ``zeroshot``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PredictableSamplingWarning)
+        if settings.method in ZO_METHODS:
+            return ZerothOrderTrainer(classifier, dataset, settings, checkpoint=checkpoint)
+        if settings.method in FIRST_ORDER_METHODS:
+            return FirstOrderTrainer(classifier, dataset, settings, checkpoint=checkpoint)
+    raise ValueError(f"method {settings.method!r} does not train")
