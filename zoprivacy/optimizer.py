@@ -3,7 +3,9 @@
 :class:`DPAggZO` implements lines 5-16 of Algorithm 1 for one step; lines 1-2 (the noisy dataset
 size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the caller, who passes b as
 ``expected_batch_size`` and samples the batch inside the closure's data. :class:`DPZO` (K = 1) and
-:class:`MeZO` (no clipping, no noise) are the same class with fixed arguments.
+:class:`MeZO` (no clipping, no noise) are the same class with fixed arguments. The DP-ZOSO
+(stage-wise schedules, :mod:`zoprivacy.schedules`) and DP-ZOPO (pruned coordinate subsets,
+:mod:`zoprivacy.masks`) variants are options of the same class.
 """
 
 from __future__ import annotations
@@ -13,25 +15,43 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from zoprivacy.directions import draw_public_seed, iter_direction, scratch_buffers
+from zoprivacy.directions import DirectionStream, check_kind, draw_public_seed
 from zoprivacy.distributed import DataParallel
+from zoprivacy.masks import pack_mask
 from zoprivacy.noise import NoiseSource
+from zoprivacy.perturb import Prober, ScratchPool, check_perturbation, warn_unseen
 from zoprivacy.stats import StepStats
 
-__all__ = ["DPZO", "DPAggZO", "MeZO", "NotPrivateWarning"]
+__all__ = ["DIFFERENCES", "DPZO", "DPAggZO", "MeZO", "NotPrivateWarning"]
 
 Closure = Callable[[], torch.Tensor]
 
 _STATE_KEY = "zoprivacy"
+_STATE_VERSION = 2
 _MAX_LISTED = 10
+_SCHEDULABLE = ("num_directions", "clip_norm", "noise_multiplier", "perturbation_scale")
+
+DIFFERENCES = ("central", "forward")
+"""Values of ``DPAggZO(difference=...)``."""
 
 
 class NotPrivateWarning(UserWarning):
     """The optimizer is configured so that its steps are not differentially private."""
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The hyper-parameters of one step (schedules resolved)."""
+
+    num_directions: int
+    clip_norm: float | None
+    noise_multiplier: float
+    perturbation_scale: float
 
 
 class DPAggZO(torch.optim.Optimizer):
@@ -39,9 +59,9 @@ class DPAggZO(torch.optim.Optimizer):
 
     One :meth:`step` implements Algorithm 1, lines 5-16:
 
-    * lines 5-10: for k = 1..K, regenerate z_k from the public seed, perturb θ += φz_k and call the
-      closure (L+), then θ −= 2φz_k (L−), then θ += φz_k (restore), and form
-      Δ_k(x) = (L+(x) − L−(x)) / (2φ) in float64;
+    * lines 5-10: for k = 1..K, regenerate z_k from the public seed, evaluate the closure at
+      θ + φz_k (L+) and θ − φz_k (L−), and form Δ_k(x) = (L+(x) − L−(x)) / (2φ) in float64
+      (how θ ± φz_k is evaluated: ``perturbation`` below);
     * line 12: Δ_agg(x) = (1/K)(Δ_1(x), …, Δ_K(x));
     * line 13: Δ̂_agg(x) = Δ_agg(x)·min(1, c/‖Δ_agg(x)‖) (the paper's typeset formula is mis-typed;
       this is the clipping of DESIGN.md, so every record contributes at most c in L2);
@@ -63,64 +83,110 @@ class DPAggZO(torch.optim.Optimizer):
       Not private (:class:`NotPrivateWarning`). ``expected_batch_size`` is ignored.
 
     Closure contract: ``closure()`` returns the per-record losses of the current batch as a 1-D
-    floating tensor of shape [|B|] (|B| may be 0). It is called 2K times per step under
-    ``torch.no_grad()``, must not call ``backward()``, and must see the same batch every time.
-    Before each L− evaluation the torch RNG state (CPU, and CUDA for CUDA parameters) is reset to
-    what it was before the matching L+ evaluation, so dropout and other random layers see identical
-    randomness at θ+φz_k and θ−φz_k (consecutive directions see fresh randomness). Calling
-    ``model.eval()`` is still recommended: the estimate is then exactly a finite difference.
+    floating tensor of shape [|B|] (|B| may be 0). It is called 2K times per step (K + 1 with
+    forward differences) under ``torch.no_grad()``, must not call ``backward()``, must not modify
+    the parameters, and must see the same batch every time. Before each L− evaluation the torch
+    RNG state (CPU, and CUDA for CUDA parameters) is reset to what it was before the matching L+
+    evaluation, so dropout and other random layers see identical randomness at θ+φz_k and
+    θ−φz_k (consecutive directions see fresh randomness). Calling ``model.eval()`` is still
+    recommended: the estimate is then exactly a finite difference.
 
     Privacy of the returned :class:`~zoprivacy.stats.StepStats`: only ``noisy_sum`` is released
     under DP. ``batch_size``, ``loss``, ``clip_fraction``, ``batch_clip_error`` and
     ``max_clip_error`` are computed from the private batch without noise and must not be
     published.
 
-    Directions: per-tensor seeds derived from (``seed``, step, k, tensor index)
-    (:mod:`zoprivacy.directions`), generated in the parameter's dtype with a
-    :class:`torch.Generator` on its device, into one scratch buffer per device with the byte size
-    of the largest trainable tensor there, and added in place in the parameter's dtype. No copy of
-    θ or of a whole z_k is ever made; peak extra memory is that buffer plus K·|B| float64 loss
-    differences (measured in ``tests/test_optimizer_memory.py``).
+    Perturbation (``perturbation``, :mod:`zoprivacy.perturb`):
+
+    * ``"auto"`` (default): zero drift. θ is never written during the probe; every torch call of
+      the closure that reads a trainable tensor (module forwards, tied weights read by several
+      modules, weights read outside modules) receives θ_i ± φz_{k,i} built for that call in a
+      scratch buffer from the regenerated z. Parameters are bit-exact after any number of
+      evaluations and after any exception, in every dtype, and a central step generates 3K
+      direction passes instead of 4K. Tensors that the first perturbed evaluation (with at least
+      one record) did not read through torch functions (TorchScript, C++ extensions, another
+      thread, or simply unused) use the in-place path from then on (``perturbation_path`` then
+      says ``"mixed"`` or ``"inplace"``; :attr:`inplace_tensors` lists them). In a data-parallel
+      run ``"auto"`` means ``"hooks"`` (so that every rank takes the same path).
+    * ``"hooks"``: the substitution for every tensor, with a warning if some tensor was not read.
+    * ``"inplace"``: θ += φz_k, θ −= 2φz_k, θ += φz_k around the two evaluations, as in the paper;
+      undoing a perturbation by arithmetic is exact only up to rounding (a few ulps per step,
+      ``benchmarks/drift.py``), and the finite difference uses the nominal φ, not the rounded
+      perturbation actually applied (relative error ~ulp(θ)/φ per Δ_k in float16/bfloat16).
+
+    :attr:`perturbation_path` and ``StepStats.perturbation_path`` say which path ran.
+
+    Directions (``directions``): ``"gaussian"`` (default, as in the paper) or ``"rademacher"``
+    (uniform ±1 from random bits, no float normal drawn: ~8x cheaper to generate). Both have
+    E[z zᵀ] = I, so the estimator is the same in expectation. Per-tensor seeds derived from
+    (``seed``, step, k, tensor index) (:mod:`zoprivacy.directions`), generated in the
+    parameter's dtype with a :class:`torch.Generator` on its device.
+
+    Differences (``difference``):
+
+    * ``"central"`` (default): Δ_k = (L(θ+φz_k) − L(θ−φz_k)) / (2φ), 2K evaluations.
+    * ``"forward"``: Δ_k = (L(θ+φz_k) − L(θ)) / φ with one shared L(θ) per step, K + 1
+      evaluations (the torch RNG is reset to its state before L(θ) before every L(θ+φz_k)).
+      Privacy is unchanged: Δ_agg(x) is still a K-vector computed from record x alone, it is
+      clipped to L2 norm c exactly as before, so adding or removing one record still changes
+      Σ Δ̂_agg by at most c in L2 and the release S is the same Poisson-subsampled Gaussian
+      mechanism with noise multiplier σ. Only the estimator changes (bias O(φ) instead of O(φ²)).
+      ``StepStats.loss`` is then the mean of L(θ).
+
+    Schedules (DP-ZOSO, :mod:`zoprivacy.schedules`): ``num_directions``, ``clip_norm``,
+    ``noise_multiplier`` and ``perturbation_scale`` each accept a callable ``f(step) -> value``
+    (e.g. :class:`~zoprivacy.schedules.Stagewise`), evaluated at the start of every step and
+    validated; the properties of the same names return the value for the next step. Learning
+    rates are scheduled with any torch LR scheduler (``torch.optim.lr_scheduler``) on this
+    optimizer. The accountant is charged with the current σ at every step, so schedules that
+    change σ are accounted as heterogeneous steps. ``clip_norm=None`` (MeZO) cannot be
+    scheduled.
+
+    Masks (DP-ZOPO, :mod:`zoprivacy.masks`): ``mask(step, index, param) -> bool tensor | None``,
+    called for every trainable tensor at the start of every step; the direction of that tensor
+    is then m ⊙ z, so the probe and the update change only the masked coordinates.
+
+    Batched directions (``batched_directions=m``): the closure is evaluated at the 2m points of m
+    directions at once with :func:`torch.func.vmap` over stacked perturbed copies of the
+    trainable tensors (each z generated once per step for the probe). This trades memory for
+    speed: the stacks hold 2m copies of the trainable tensors, so use it only for small
+    trainable subsets (a head, LoRA adapters, a last layer behind
+    :class:`~zoprivacy.prefix.PrefixCache`). Peak memory grows with m, not with K. The closure
+    must be vmap-compatible (no ``.item()`` on values that depend on the parameters, no
+    in-place writes to captured tensors); random layers see the same randomness at all 2m
+    points (``randomness="same"``).
+
+    Memory (default path): no copy of θ or of a whole z_k is ever made; peak extra memory is one
+    scratch buffer per device with the byte size of the largest trainable tensor plus K·|B|
+    float64 loss differences (``tests/test_optimizer_memory.py``); see :mod:`zoprivacy.perturb`
+    for the rare cases (a call reading two trainable tensors at once, a view of a perturbed
+    tensor kept by the closure) that add a temporary. Rademacher directions add ~0.6 MiB of
+    fixed chunk buffers; masks add 1 bit per trainable coordinate.
 
     Noise: from :class:`~zoprivacy.noise.NoiseSource`, never derived from ``seed``: OS entropy per
     step when ``noise_seed`` is None, a seeded reproducible generator (with a warning that the run
     is not private) when it is an int.
 
-    Accountant: when ``accountant`` is given, ``accountant.step(noise_multiplier=σ,
-    sample_rate=q, steps=1)`` is called at the very start of :meth:`step`, before the closure runs,
-    so a step beyond the budget raises (e.g. ``PrivacyBudgetExceeded``) with the parameters and the
-    data untouched. A step that fails later (bad closure output) has already been charged: this
-    over-counts, which is conservative.
+    Accountant: when ``accountant`` is given, ``accountant.step(noise_multiplier=σ_t,
+    sample_rate=q, steps=1)`` is called at the very start of :meth:`step` with this step's σ,
+    before the closure runs, so a step beyond the budget raises (e.g. ``PrivacyBudgetExceeded``)
+    with the parameters and the data untouched. A step that fails later (bad closure output) has
+    already been charged: this over-counts, which is conservative.
 
     Failure safety: if the closure raises or returns bad output (not a tensor, not 1-D, NaN/inf,
-    length changing between evaluations), the current perturbation is undone in a ``finally`` block
-    before the error propagates, nothing is released and the step counter does not advance.
-
-    Perturbation drift: undoing a perturbation by arithmetic (θ + φz − 2φz + φz) is not exact in
-    floating point (a later issue removes this drift). Measured on 10⁶ parameters θ ~ N(0, 0.05²),
-    φ = 1e-3, one step whose update is zero (so only the probe's 3K adds act), |θ_after − θ|:
-
-    ========  ==================  ==================  ===========================
-    dtype     K = 1: max / mean   K = 16: max / mean  entries changed (K=1 / 16)
-    ========  ==================  ==================  ===========================
-    float32   1.5e-8 / 1.7e-9     1.9e-7 / 7.5e-9     48% / 86%
-    float16   1.2e-4 / 1.4e-5     1.5e-3 / 6.2e-5     48% / 86%
-    bfloat16  9.8e-4 / 1.1e-4     9.8e-3 / 4.9e-4     48% / 86%
-    ========  ==================  ==================  ===========================
-
-    The drift is a random walk in the rounding (mean grows roughly like √K) and comes on top of the
-    update, which in float16/bfloat16 is itself rounded to the parameter's precision one direction
-    at a time. The finite difference uses the nominal φ, not the rounded perturbation actually
-    applied, which in float16/bfloat16 adds relative error of order ulp(θ)/φ to each Δ_k.
+    length changing between evaluations), any in-place perturbation is undone in a ``finally``
+    block before the error propagates (the zero-drift path has nothing to undo), nothing is
+    released and the step counter does not advance.
 
     Args:
         params: iterable of tensors or of param-group dicts (``lr``, ``weight_decay`` per group).
         lr: learning rate η (≥ 0).
-        num_directions: K ≥ 1 (K = 1 is DPZO).
-        clip_norm: c > 0, or None for MeZO mode (then ``noise_multiplier`` must be 0).
-        noise_multiplier: σ ≥ 0; the noise std per coordinate is σ·c.
+        num_directions: K ≥ 1 (K = 1 is DPZO), or a schedule ``f(step) -> int``.
+        clip_norm: c > 0 (or a schedule), or None for MeZO mode (then ``noise_multiplier`` must
+            be 0).
+        noise_multiplier: σ ≥ 0 (or a schedule); the noise std per coordinate is σ·c.
         expected_batch_size: b = q·ñ > 0, the public normaliser (required unless MeZO mode).
-        perturbation_scale: φ > 0.
+        perturbation_scale: φ > 0 (or a schedule).
         seed: public seed of the directions (int ≥ 0); None draws one from OS entropy, kept in
             :attr:`seed` and in ``state_dict()``.
         noise_seed: None (OS entropy, private) or an int (reproducible noise, NOT private).
@@ -135,6 +201,11 @@ class DPAggZO(torch.optim.Optimizer):
             :mod:`zoprivacy.distributed`). The returned stats are then global (all ranks'
             records). With ``seed=None`` rank 0 draws the direction seed and broadcasts it; the
             construction checks that every rank has the same configuration and parameters.
+        perturbation: ``"auto"`` (default), ``"hooks"`` or ``"inplace"`` (see above).
+        directions: ``"gaussian"`` (default) or ``"rademacher"``.
+        difference: ``"central"`` (default) or ``"forward"``.
+        mask: None or a mask callable (DP-ZOPO, :mod:`zoprivacy.masks`).
+        batched_directions: None (default) or m ≥ 1 directions evaluated per vmapped call.
     """
 
     def __init__(
@@ -142,25 +213,36 @@ class DPAggZO(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
         *,
-        num_directions: int,
-        clip_norm: float | None,
-        noise_multiplier: float,
+        num_directions: int | Callable[[int], int],
+        clip_norm: float | Callable[[int], float] | None,
+        noise_multiplier: float | Callable[[int], float],
         expected_batch_size: float | None = None,
-        perturbation_scale: float = 1e-3,
+        perturbation_scale: float | Callable[[int], float] = 1e-3,
         seed: int | None = None,
         noise_seed: int | None = None,
         weight_decay: float = 0.0,
         accountant: Any | None = None,
         sample_rate: float | None = None,
         process_group: Any | None = None,
+        perturbation: str = "auto",
+        directions: str = "gaussian",
+        difference: str = "central",
+        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        batched_directions: int | None = None,
     ) -> None:
         lr = _check_real("lr", lr, minimum=0.0)
         weight_decay = _check_real("weight_decay", weight_decay, minimum=0.0)
-        num_directions = _check_int("num_directions", num_directions, minimum=1)
-        noise_multiplier = _check_real("noise_multiplier", noise_multiplier, minimum=0.0)
-        perturbation_scale = _check_real("perturbation_scale", perturbation_scale, positive=True)
-        if clip_norm is not None:
-            clip_norm = _check_real("clip_norm", clip_norm, positive=True)
+        spec: dict[str, Any] = {
+            "num_directions": num_directions,
+            "clip_norm": clip_norm,
+            "noise_multiplier": noise_multiplier,
+            "perturbation_scale": perturbation_scale,
+        }
+        for name, value in spec.items():
+            if callable(value):
+                _check_hyper(name, value(0), scheduled=True)  # fail early on a bad schedule
+            else:
+                spec[name] = _check_hyper(name, value, scheduled=False)
         if expected_batch_size is not None:
             expected_batch_size = _check_real(
                 "expected_batch_size", expected_batch_size, positive=True
@@ -171,19 +253,34 @@ class DPAggZO(torch.optim.Optimizer):
                 raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if seed is not None:
             seed = _check_int("seed", seed, minimum=0)
+        perturbation = check_perturbation(perturbation)
+        directions = check_kind(directions)
+        if difference not in DIFFERENCES:
+            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+        if mask is not None and not callable(mask):
+            raise TypeError(f"mask must be a callable (step, index, param) -> mask, got {mask!r}")
+        if batched_directions is not None:
+            batched_directions = _check_int("batched_directions", batched_directions, minimum=1)
+            if perturbation == "inplace":
+                raise ValueError(
+                    "batched_directions evaluates stacked perturbed copies through the "
+                    "substitution path; it cannot be combined with perturbation='inplace'"
+                )
 
-        if clip_norm is None and noise_multiplier > 0:
+        clip0 = _resolve(spec["clip_norm"], 0)
+        sigma0 = _resolve(spec["noise_multiplier"], 0)
+        if clip0 is None and sigma0 > 0:
             raise ValueError(
-                f"clip_norm=None with noise_multiplier={noise_multiplier}: the noise std is σ·c, "
+                f"clip_norm=None with noise_multiplier={sigma0}: the noise std is σ·c, "
                 "so a clip norm is required. Pass clip_norm=c > 0, or noise_multiplier=0 for "
                 "non-private MeZO."
             )
-        if clip_norm is not None and expected_batch_size is None:
+        if clip0 is not None and expected_batch_size is None:
             raise ValueError(
                 "expected_batch_size is required when clip_norm is set: the update is normalised "
                 "by the public b = q·ñ, never by the private |B|. Pass expected_batch_size=b > 0."
             )
-        private = clip_norm is not None and noise_multiplier > 0
+        private = clip0 is not None and sigma0 > 0
         if accountant is not None:
             if not callable(getattr(accountant, "step", None)):
                 raise TypeError("accountant must have a step(noise_multiplier, sample_rate, steps)")
@@ -204,13 +301,19 @@ class DPAggZO(torch.optim.Optimizer):
                 "trainable parameters (e.g. [p for p in model.parameters() if p.requires_grad])."
             )
 
-        self._num_directions = num_directions
-        self._clip_norm = clip_norm
-        self._noise_multiplier = noise_multiplier
+        self._spec = spec
         self._expected_batch_size = expected_batch_size
-        self._perturbation_scale = perturbation_scale
         self._sample_rate = sample_rate
         self._accountant = accountant
+        self._perturbation = perturbation
+        self._directions = directions
+        self._difference = difference
+        self._mask = mask
+        self._batched = batched_directions
+        self._inplace: frozenset[int] | None = None  # tensors on the in-place path (None: unknown)
+        self._layout: tuple[int, ...] = ()  # ids of the trainable tensors when _inplace was set
+        self._checked_unseen = False
+        self._last_path: str | None = None
         self._dp = None if process_group is None else DataParallel.wrap(process_group)
         if self._dp is not None:
             seed = self._dp.agree_on_seed(seed)  # rank 0 draws it (if None) and broadcasts it
@@ -224,18 +327,18 @@ class DPAggZO(torch.optim.Optimizer):
     # ------------------------------------------------------------------ read-only configuration
     @property
     def num_directions(self) -> int:
-        """K, the number of directions per step."""
-        return self._num_directions
+        """K for the next step (the current step while a step runs)."""
+        return self._value("num_directions")
 
     @property
     def clip_norm(self) -> float | None:
-        """c, or None in MeZO mode."""
-        return self._clip_norm
+        """c for the next step, or None in MeZO mode."""
+        return self._value("clip_norm")
 
     @property
     def noise_multiplier(self) -> float:
-        """σ."""
-        return self._noise_multiplier
+        """σ for the next step."""
+        return self._value("noise_multiplier")
 
     @property
     def expected_batch_size(self) -> float | None:
@@ -244,8 +347,8 @@ class DPAggZO(torch.optim.Optimizer):
 
     @property
     def perturbation_scale(self) -> float:
-        """φ."""
-        return self._perturbation_scale
+        """φ for the next step."""
+        return self._value("perturbation_scale")
 
     @property
     def sample_rate(self) -> float | None:
@@ -270,16 +373,67 @@ class DPAggZO(torch.optim.Optimizer):
     @property
     def is_mezo(self) -> bool:
         """True without clipping (and hence without noise): non-private MeZO."""
-        return self._clip_norm is None
+        return self._spec["clip_norm"] is None
 
     @property
     def is_private(self) -> bool:
-        """True when steps are DP releases (clipping and σ > 0, noise from OS entropy)."""
+        """True when the next step is a DP release (clipping, σ > 0, noise from OS entropy)."""
         return (
-            self._clip_norm is not None
-            and self._noise_multiplier > 0
+            self.clip_norm is not None
+            and self.noise_multiplier > 0
             and not self._noise.reproducible
         )
+
+    @property
+    def perturbation(self) -> str:
+        """The requested perturbation path: ``"auto"``, ``"hooks"`` or ``"inplace"``."""
+        return self._perturbation
+
+    @property
+    def directions(self) -> str:
+        """The direction distribution: ``"gaussian"`` or ``"rademacher"``."""
+        return self._directions
+
+    @property
+    def difference(self) -> str:
+        """``"central"`` (2K evaluations) or ``"forward"`` (K + 1 evaluations)."""
+        return self._difference
+
+    @property
+    def scheduled(self) -> tuple[str, ...]:
+        """Names of the hyper-parameters given as schedules (callables of the step)."""
+        return tuple(name for name in _SCHEDULABLE if callable(self._spec[name]))
+
+    @property
+    def perturbation_path(self) -> str:
+        """The path of the last step: ``"hooks"``, ``"mixed"``, ``"inplace"`` or ``"batched"``.
+
+        Before the first step: the requested ``perturbation``, resolved when already known.
+        """
+        if self._last_path is not None:
+            return self._last_path
+        if self._perturbation == "inplace":
+            return "inplace"
+        return "batched" if self._batched else "hooks" if self._perturbation == "hooks" else "auto"
+
+    @property
+    def inplace_tensors(self) -> tuple[int, ...]:
+        """Indices of the trainable tensors perturbed in place (empty on the zero-drift path)."""
+        if self._perturbation == "inplace":
+            return tuple(range(len(self._trainable())))
+        return tuple(sorted(self._inplace or ()))
+
+    def _value(self, name: str) -> Any:
+        return _resolve(self._spec[name], self._step_count)
+
+    def _config(self, step: int) -> _Config:
+        values = {
+            name: _check_hyper(name, _resolve(self._spec[name], step), scheduled=True, step=step)
+            for name in _SCHEDULABLE
+        }
+        if values["clip_norm"] is None and self._spec["clip_norm"] is not None:
+            raise ValueError(f"the clip_norm schedule returned None at step {step}")
+        return _Config(**values)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -313,25 +467,37 @@ class DPAggZO(torch.optim.Optimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        step = self._step_count
+        cfg = self._config(step)
         if self._accountant is not None:
+            if cfg.clip_norm is None or cfg.noise_multiplier <= 0:
+                raise ValueError(
+                    f"the schedules give noise_multiplier={cfg.noise_multiplier} at step {step}: "
+                    "a noiseless step has infinite privacy cost and cannot be accounted"
+                )
             self._accountant.step(
-                noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate, steps=1
+                noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate, steps=1
             )
 
         entries = self._trainable()
         params = [p for p, _ in entries]
-        step = self._step_count
-        scratch = scratch_buffers(params)
-        gens = {dev: torch.Generator(device=dev) for dev in scratch}
-
+        stream = DirectionStream(
+            params,
+            seed=self._seed,
+            step=step,
+            kind=self._directions,
+            masks=self._masks(step, params),
+        )
+        pool = ScratchPool(params)
         try:
-            deltas, loss_sum = self._probe(closure, params, step, scratch, gens)
+            deltas, loss_sum, path = self._probe(closure, params, stream, pool, cfg)
         except BaseException:
             if self._dp is not None:
                 self._dp.abort(self, step)  # the peers raise now, not after the timeout
             raise
+        k = cfg.num_directions
         batch = deltas.shape[0]
-        agg = deltas / self._num_directions  # line 12, shape [|B|, K]
+        agg = deltas / k  # line 12, shape [|B|, K]
         clipped, clip_fraction, max_err, batch_err = self._clip(agg)  # line 13, eqs. 26-27
         noisy_sum = clipped.sum(dim=0)
         if self._dp is not None:  # data parallel: sum every rank's clipped records (O(K) floats)
@@ -340,9 +506,9 @@ class DPAggZO(torch.optim.Optimizer):
             )
         noise_std = 0.0
         draw = None
-        if self._clip_norm is not None and self._noise_multiplier > 0:
-            noise_std = self._noise_multiplier * self._clip_norm
-            draw = functools.partial(self._noise.sample, self._num_directions, noise_std)
+        if cfg.clip_norm is not None and cfg.noise_multiplier > 0:
+            noise_std = cfg.noise_multiplier * cfg.clip_norm
+            draw = functools.partial(self._noise.sample, k, noise_std)
         if self._dp is not None:  # rank 0 alone draws v and broadcasts S = Σ + v (line 15)
             noisy_sum = self._dp.release(step, noisy_sum, draw)
         elif draw is not None:
@@ -353,10 +519,12 @@ class DPAggZO(torch.optim.Optimizer):
         else:
             normalizer = float(self._expected_batch_size)  # type: ignore[arg-type]
         if normalizer > 0:
-            self._update(entries, step, scratch, gens, noisy_sum / normalizer)  # line 16
+            self._update(entries, step, pool.buffers(), stream, noisy_sum / normalizer)  # line 16
+        pool.release_all()
 
         self._step_count = step + 1
-        mean_loss = loss_sum / (batch * self._num_directions) if batch else math.nan
+        self._last_path = path
+        mean_loss = loss_sum / (batch * k) if batch else math.nan
         return StepStats(
             noisy_sum=noisy_sum,
             batch_size=batch,
@@ -366,75 +534,183 @@ class DPAggZO(torch.optim.Optimizer):
             max_clip_error=max_err,
             step=step,
             seed=self._seed,
-            num_directions=self._num_directions,
+            num_directions=k,
             normalizer=normalizer,
             noise_std=noise_std,
             private=noise_std > 0 and not self._noise.reproducible,
+            perturbation_path=path,
+            directions=self._directions,
+            difference=self._difference,
+            perturbation_scale=cfg.perturbation_scale,
+            clip_norm=cfg.clip_norm,
+            noise_multiplier=cfg.noise_multiplier,
+            generations=stream.generations,
         )
+
+    def _masks(self, step: int, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+        """DP-ZOPO: this step's mask of every tensor, packed to bits (None: no masks)."""
+        if self._mask is None:
+            return None
+        packed: list[torch.Tensor | None] = []
+        for i, p in enumerate(params):
+            m = self._mask(step, i, p.detach())
+            if m is None:
+                packed.append(None)
+                continue
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError(
+                    f"mask(step={step}, index={i}) must return a bool tensor or None, got "
+                    f"{type(m).__name__}{'' if not isinstance(m, torch.Tensor) else m.dtype}"
+                )
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"mask(step={step}, index={i}) has shape {tuple(m.shape)}, the tensor "
+                    f"{tuple(p.shape)}"
+                )
+            packed.append(pack_mask(m.to(p.device)))
+        return packed
+
+    def _inplace_flags(self, params: list[torch.Tensor]) -> list[bool]:
+        """Which tensors use the in-place path this step (discovery state of ``"auto"``)."""
+        layout = tuple(id(p) for p in params)
+        if layout != self._layout:  # the trainable set changed: find out again
+            self._layout = layout
+            self._inplace = None
+            self._checked_unseen = False
+        if self._perturbation == "inplace":
+            return [True] * len(params)
+        inplace = self._inplace or frozenset()
+        return [i in inplace for i in range(len(params))]
+
+    def _discover(
+        self,
+        prober: Prober,
+        params: list[torch.Tensor],
+        out: torch.Tensor,
+        redo: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """After a perturbed evaluation: settle which tensors the substitution cannot see."""
+        if self._checked_unseen or self._perturbation == "inplace" or out.numel() == 0:
+            return out
+        self._checked_unseen = True
+        unseen = prober.unseen()
+        if self._perturbation == "auto" and self._dp is None and not self._batched:
+            self._inplace = frozenset(unseen)
+            if unseen:
+                prober.set_inplace(unseen)
+                return redo()  # that evaluation missed their perturbation: run it again
+            return out
+        self._inplace = frozenset()
+        warn_unseen(params, unseen, "batched" if self._batched else "hooks")
+        return out
 
     def _probe(
         self,
         closure: Closure,
         params: list[torch.Tensor],
-        step: int,
-        scratch: dict[torch.device, torch.Tensor],
-        gens: dict[torch.device, torch.Generator],
-    ) -> tuple[torch.Tensor, float]:
-        """Lines 5-10: the 2K closure evaluations; returns Δ (float64 [|B|, K]) and Σ(L+ + L−)/2.
-
-        ``offsets[i]`` is how many φ·z_k tensor i currently carries; the ``finally`` block undoes
-        whatever is left, so an exception at any point leaves θ restored (up to rounding).
-        """
-        phi = self._perturbation_scale
-        offsets = [0] * len(params)
-        current = 0
-
-        def move(k: int, units: int) -> None:
-            for i, p, z in iter_direction(
-                params, seed=self._seed, step=step, k=k, scratch=scratch, generators=gens
-            ):
-                p.add_(z, alpha=units * phi)
-                offsets[i] += units
-
+        stream: DirectionStream,
+        pool: ScratchPool,
+        cfg: _Config,
+    ) -> tuple[torch.Tensor, float, str]:
+        """Lines 5-10: the closure evaluations; returns Δ (float64 [|B|, K]), the loss sum
+        (Σ over records and directions of (L+ + L−)/2, or K·Σ L(θ) with forward differences)
+        and the path that ran. Any in-place perturbation left is undone in ``finally``."""
+        phi = cfg.perturbation_scale
+        num = cfg.num_directions
+        prober = Prober(params, stream, phi, self._inplace_flags(params), pool)
+        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
         columns: list[torch.Tensor] = []
         loss_sum = 0.0
         batch: int | None = None
-        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        try:
-            for k in range(self._num_directions):
-                current = k
-                rng = _capture_rng(cuda_devices)
-                move(k, +1)
-                plus = _evaluate(closure, k, "+", batch)
-                batch = plus.numel()
+
+        def point(k: int, sign: int, rng: Any) -> torch.Tensor:
+            where = _where(k, sign)
+
+            def run() -> torch.Tensor:
+                return prober.evaluate(lambda: _evaluate(closure, where, batch), k, sign)
+
+            def redo() -> torch.Tensor:
                 _restore_rng(rng, cuda_devices)
-                move(k, -2)
-                minus = _evaluate(closure, k, "-", batch)
-                move(k, +1)
-                delta = (plus - minus) / (2.0 * phi)
-                bad = ~torch.isfinite(delta)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"the loss difference overflows float64 for records {_indices(bad)} at "
-                        f"direction k={k}; the losses are too large: rescale the loss"
-                    )
-                columns.append(delta)
-                loss_sum += float((plus + minus).sum()) / 2.0
+                return run()
+
+            out = run()
+            return out if sign == 0 else self._discover(prober, params, out, redo)
+
+        try:
+            if self._batched:
+                columns, loss_sum = self._probe_batched(closure, prober, params, cfg)
+            elif self._difference == "central":
+                for k in range(num):
+                    rng = _capture_rng(cuda_devices)
+                    plus = point(k, +1, rng)
+                    batch = plus.numel()
+                    _restore_rng(rng, cuda_devices)
+                    minus = point(k, -1, rng)
+                    columns.append(_difference((plus - minus) / (2.0 * phi), k))
+                    loss_sum += float((plus + minus).sum()) / 2.0
+            else:
+                rng = _capture_rng(cuda_devices)
+                base = point(0, 0, rng)
+                batch = base.numel()
+                for k in range(num):
+                    _restore_rng(rng, cuda_devices)
+                    plus = point(k, +1, rng)
+                    columns.append(_difference((plus - base) / phi, k))
+                loss_sum = num * float(base.sum())
         finally:
-            if any(offsets):
-                for i, p, z in iter_direction(
-                    params, seed=self._seed, step=step, k=current, scratch=scratch, generators=gens
-                ):
-                    if offsets[i]:
-                        p.add_(z, alpha=-offsets[i] * phi)
-                        offsets[i] = 0
-        return torch.stack(columns, dim=1), loss_sum
+            prober.restore()
+        inplace = [i for i, x in enumerate(prober.inplace) if x]
+        if self._batched:
+            path = "batched"
+        elif not inplace:
+            path = "hooks"
+        elif len(inplace) == len(params):
+            path = "inplace"
+        else:
+            path = "mixed"
+        return torch.stack(columns, dim=1), loss_sum, path
+
+    def _probe_batched(
+        self, closure: Closure, prober: Prober, params: list[torch.Tensor], cfg: _Config
+    ) -> tuple[list[torch.Tensor], float]:
+        """The probe with ``batched_directions`` directions per vmapped call."""
+        phi = cfg.perturbation_scale
+        num = cfg.num_directions
+        chunk = int(self._batched or 1)
+        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        columns: list[torch.Tensor] = []
+        loss_sum = 0.0
+        batch: int | None = None
+        base: torch.Tensor | None = None
+        if self._difference == "forward":
+            base = _evaluate(closure, _where(0, 0), None)
+            batch = base.numel()
+            loss_sum = num * float(base.sum())
+        signs = (+1, -1) if self._difference == "central" else (+1,)
+        for first in range(0, num, chunk):
+            ks = range(first, min(num, first + chunk))
+            points = [(k, s) for k in ks for s in signs]
+            rng = _capture_rng(cuda_devices)
+            out = prober.evaluate_batched(closure, points)
+            _restore_rng(rng, cuda_devices)  # as if the points had run one after the other
+            rows = _check_batched(out, points, batch)
+            batch = rows.shape[1]
+            first_row = rows[0]
+            self._discover(prober, params, first_row, lambda row=first_row: row)
+            for j, k in enumerate(ks):
+                if base is None:
+                    plus, minus = rows[2 * j], rows[2 * j + 1]
+                    columns.append(_difference((plus - minus) / (2.0 * phi), k))
+                    loss_sum += float((plus + minus).sum()) / 2.0
+                else:
+                    columns.append(_difference((rows[j] - base) / phi, k))
+        return columns, loss_sum
 
     def _clip(self, agg: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
         """Line 13 and the diagnostics of eqs. 26-27: (Δ̂, clip fraction, max err, batch err)."""
-        if self._clip_norm is None or agg.shape[0] == 0:
+        c = self.clip_norm
+        if c is None or agg.shape[0] == 0:
             return agg, 0.0, 0.0, 0.0
-        c = self._clip_norm
         norms = _row_norms(agg)
         over = norms > c
         factors = torch.where(over, c / norms, torch.ones_like(norms))
@@ -460,11 +736,10 @@ class DPAggZO(torch.optim.Optimizer):
         entries: list[tuple[torch.Tensor, dict[str, Any]]],
         step: int,
         scratch: dict[torch.device, torch.Tensor],
-        gens: dict[torch.device, torch.Generator],
+        stream: DirectionStream,
         coefs: torch.Tensor,
     ) -> None:
         """Line 16 plus decoupled weight decay: θ ← θ(1 − η·wd) − η Σ_k coefs_k z_k."""
-        params = [p for p, _ in entries]
         lrs = [float(g["lr"]) for _, g in entries]
         for p, g in entries:
             wd = float(g["weight_decay"])
@@ -473,10 +748,9 @@ class DPAggZO(torch.optim.Optimizer):
         for k, coef in enumerate(coefs.tolist()):
             if coef == 0.0:
                 continue
-            for i, p, z in iter_direction(
-                params, seed=self._seed, step=step, k=k, scratch=scratch, generators=gens
-            ):
+            for i, (p, _) in enumerate(entries):
                 if lrs[i]:
+                    z = stream.fill(k, i, stream.view(scratch[p.device], i))
                     p.add_(z, alpha=-lrs[i] * coef)
 
     # ------------------------------------------------------------------ state
@@ -484,28 +758,39 @@ class DPAggZO(torch.optim.Optimizer):
         """Torch's state plus step count, public seed, hyper-parameters and (seeded) noise state.
 
         With ``noise_seed=None`` no noise state is saved: a resumed run draws fresh OS entropy.
-        The accountant is not saved (checkpoint it separately).
+        The accountant is not saved (checkpoint it separately). Scheduled hyper-parameters are
+        saved with their value at the current step and listed under ``"scheduled"``: the
+        callables themselves are not saved, so pass the same schedules when resuming.
         """
         sd = super().state_dict()
         sd[_STATE_KEY] = {
-            "version": 1,
+            "version": _STATE_VERSION,
             "step": self._step_count,
             "seed": self._seed,
-            "num_directions": self._num_directions,
-            "clip_norm": self._clip_norm,
-            "noise_multiplier": self._noise_multiplier,
+            "num_directions": self.num_directions,
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
             "expected_batch_size": self._expected_batch_size,
-            "perturbation_scale": self._perturbation_scale,
+            "perturbation_scale": self.perturbation_scale,
             "sample_rate": self._sample_rate,
             "noise": self._noise.state_dict(),
+            "scheduled": list(self.scheduled),
+            "perturbation": self._perturbation,
+            "directions": self._directions,
+            "difference": self._difference,
+            "masked": self._mask is not None,
+            "batched_directions": self._batched,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, so the run continues the same trajectory bit for bit.
 
-        The saved hyper-parameters, seed, step count and noise mode replace the current ones
-        (validated first; nothing changes if validation fails).
+        The saved hyper-parameters, seed, step count, noise mode, direction distribution,
+        difference and perturbation path replace the current ones (validated first; nothing
+        changes if validation fails). A hyper-parameter that was scheduled when saved keeps this
+        optimizer's schedule, which must exist. A run saved with a mask needs this optimizer to
+        have one (masks are callables and are not saved).
         """
         sd = dict(state_dict)
         zo = sd.pop(_STATE_KEY, None)
@@ -513,28 +798,53 @@ class DPAggZO(torch.optim.Optimizer):
             raise ValueError(f"state_dict has no {_STATE_KEY!r} entry: not from DPAggZO")
         step = _check_int("step", zo["step"], minimum=0)
         seed = _check_int("seed", zo["seed"], minimum=0)
-        k = _check_int("num_directions", zo["num_directions"], minimum=1)
-        clip = zo["clip_norm"]
-        clip = None if clip is None else _check_real("clip_norm", clip, positive=True)
-        sigma = _check_real("noise_multiplier", zo["noise_multiplier"], minimum=0.0)
+        scheduled = list(zo.get("scheduled", []))
+        spec = dict(self._spec)
+        for name in _SCHEDULABLE:
+            if name in scheduled:
+                if not callable(self._spec[name]):
+                    raise ValueError(
+                        f"the checkpoint's {name} was a schedule: build the optimizer with the "
+                        f"same schedule (a callable of the step) to resume it"
+                    )
+                continue
+            spec[name] = _check_hyper(name, zo[name], scheduled=False)
+        if spec["clip_norm"] is None and callable(spec["noise_multiplier"]):
+            raise ValueError("clip_norm=None (MeZO) cannot be resumed with a σ schedule")
         b = zo["expected_batch_size"]
         b = None if b is None else _check_real("expected_batch_size", b, positive=True)
-        phi = _check_real("perturbation_scale", zo["perturbation_scale"], positive=True)
         q = zo["sample_rate"]
         q = None if q is None else _check_real("sample_rate", q, positive=True)
+        perturbation = check_perturbation(zo.get("perturbation", self._perturbation))
+        directions = check_kind(zo.get("directions", self._directions))
+        difference = zo.get("difference", self._difference)
+        if difference not in DIFFERENCES:
+            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+        if zo.get("masked", False) and self._mask is None:
+            raise ValueError("the checkpoint was taken with a mask: pass the same mask to resume")
+        batched = zo.get("batched_directions", self._batched)
+        if batched is not None:
+            batched = _check_int("batched_directions", batched, minimum=1)
         for group in sd["param_groups"]:
             _check_group(group)
         noise = NoiseSource()
         noise.load_state_dict(zo["noise"])
         super().load_state_dict(sd)
-        self._step_count, self._seed, self._num_directions = step, seed, k
-        self._clip_norm, self._noise_multiplier, self._expected_batch_size = clip, sigma, b
-        self._perturbation_scale, self._sample_rate, self._noise = phi, q, noise
+        self._step_count, self._seed, self._spec = step, seed, spec
+        self._expected_batch_size, self._sample_rate, self._noise = b, q, noise
+        self._perturbation, self._directions, self._difference = (
+            perturbation,
+            directions,
+            difference,
+        )
+        self._batched = batched
+        self._inplace, self._layout, self._checked_unseen = None, (), False
+        self._last_path = None
 
     def _warn_if_not_private(self) -> None:
-        if self._clip_norm is None:
+        if self._spec["clip_norm"] is None:
             msg = "clip_norm=None and noise_multiplier=0: this is non-private MeZO"
-        elif self._noise_multiplier == 0:
+        elif _resolve(self._spec["noise_multiplier"], 0) == 0:
             msg = "noise_multiplier=0: the steps are clipped but noiseless, hence not private"
         else:
             return
@@ -549,16 +859,20 @@ class DPZO(DPAggZO):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
         *,
-        clip_norm: float,
-        noise_multiplier: float,
+        clip_norm: float | Callable[[int], float],
+        noise_multiplier: float | Callable[[int], float],
         expected_batch_size: float,
-        perturbation_scale: float = 1e-3,
+        perturbation_scale: float | Callable[[int], float] = 1e-3,
         seed: int | None = None,
         noise_seed: int | None = None,
         weight_decay: float = 0.0,
         accountant: Any | None = None,
         sample_rate: float | None = None,
         process_group: Any | None = None,
+        perturbation: str = "auto",
+        directions: str = "gaussian",
+        difference: str = "central",
+        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -574,6 +888,10 @@ class DPZO(DPAggZO):
             accountant=accountant,
             sample_rate=sample_rate,
             process_group=process_group,
+            perturbation=perturbation,
+            directions=directions,
+            difference=difference,
+            mask=mask,
         )
 
 
@@ -588,11 +906,16 @@ class MeZO(DPAggZO):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
         *,
-        perturbation_scale: float = 1e-3,
-        num_directions: int = 1,
+        perturbation_scale: float | Callable[[int], float] = 1e-3,
+        num_directions: int | Callable[[int], int] = 1,
         seed: int | None = None,
         weight_decay: float = 0.0,
         process_group: Any | None = None,
+        perturbation: str = "auto",
+        directions: str = "gaussian",
+        difference: str = "central",
+        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        batched_directions: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -604,10 +927,31 @@ class MeZO(DPAggZO):
             seed=seed,
             weight_decay=weight_decay,
             process_group=process_group,
+            perturbation=perturbation,
+            directions=directions,
+            difference=difference,
+            mask=mask,
+            batched_directions=batched_directions,
         )
 
 
 # ---------------------------------------------------------------------- helpers
+def _resolve(spec: Any, step: int) -> Any:
+    return spec(step) if callable(spec) else spec
+
+
+def _check_hyper(name: str, value: object, *, scheduled: bool, step: int | None = None) -> Any:
+    """Validate one (possibly scheduled) hyper-parameter value."""
+    where = f"{name}" if step is None or not scheduled else f"{name} (at step {step})"
+    if name == "num_directions":
+        return _check_int(where, value, minimum=1)
+    if name == "clip_norm":
+        return None if value is None else _check_real(where, value, positive=True)
+    if name == "noise_multiplier":
+        return _check_real(where, value, minimum=0.0)
+    return _check_real(where, value, positive=True)  # perturbation_scale
+
+
 def _check_real(
     name: str, value: object, *, minimum: float | None = None, positive: bool = False
 ) -> float:
@@ -655,10 +999,28 @@ def _indices(mask: torch.Tensor) -> str:
     return f"{idx[:_MAX_LISTED]}{more}"
 
 
-def _evaluate(closure: Closure, k: int, sign: str, batch: int | None) -> torch.Tensor:
+def _where(k: int, sign: int) -> str:
+    if sign == 0:
+        return "the unperturbed θ (forward differences)"
+    return f"direction k={k} (θ{'+' if sign > 0 else '-'}φ·z_k)"
+
+
+def _difference(delta: torch.Tensor, k: int) -> torch.Tensor:
+    bad = ~torch.isfinite(delta)
+    if bool(bad.any()):
+        raise ValueError(
+            f"the loss difference overflows float64 for records {_indices(bad)} at "
+            f"direction k={k}; the losses are too large: rescale the loss"
+        )
+    return delta
+
+
+def _evaluate(closure: Closure, where: str, batch: int | None) -> torch.Tensor:
     """Call the closure once and check its output; returns the losses as float64 on CPU."""
-    where = f"direction k={k} (θ{sign}φ·z_k)"
-    out = closure()
+    return _check_losses(closure(), where, batch)
+
+
+def _check_losses(out: object, where: str, batch: int | None) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"closure must return a torch.Tensor of per-record losses, got "
@@ -684,6 +1046,18 @@ def _evaluate(closure: Closure, k: int, sign: str, batch: int | None) -> torch.T
             "loss (e.g. log(0), float16 overflow) or lower perturbation_scale"
         )
     return losses
+
+
+def _check_batched(out: object, points: list[tuple[int, int]], batch: int | None) -> torch.Tensor:
+    """Check the vmapped output [len(points), |B|] row by row; returns float64 CPU rows."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(points):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"batched_directions: the vmapped closure returned {shape}, expected "
+            f"[{len(points)}, |B|] (one 1-D tensor of per-record losses per point)"
+        )
+    rows = [_check_losses(out[j], _where(k, s), batch) for j, (k, s) in enumerate(points)]
+    return torch.stack(rows)
 
 
 def _row_norms(a: torch.Tensor) -> torch.Tensor:

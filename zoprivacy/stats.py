@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,16 @@ class StepStats:
         noise_std: σ·c, the per-coordinate standard deviation of v (0.0 without noise).
         private: whether the step is a DP release: clipping, σ > 0 and noise from OS entropy
             (False with a user-given ``noise_seed``, whose noise is predictable).
+        perturbation_path: how θ ± φz_k was evaluated: ``"hooks"`` (zero drift, θ never
+            written), ``"inplace"`` (θ written and restored by arithmetic), ``"mixed"`` (in place
+            only for the tensors the substitution could not see) or ``"batched"`` (vmapped
+            stacked copies); see :mod:`zoprivacy.perturb`.
+        directions: ``"gaussian"`` or ``"rademacher"``.
+        difference: ``"central"`` (2K evaluations) or ``"forward"`` (K + 1 evaluations).
+        perturbation_scale, clip_norm, noise_multiplier: φ, c and σ of this step (after
+            schedules); public.
+        generations: tensor slices of directions generated during the step (probe and update);
+            a measure of the step's direction cost.
     """
 
     noisy_sum: torch.Tensor
@@ -57,3 +68,10 @@ class StepStats:
     normalizer: float
     noise_std: float
     private: bool
+    perturbation_path: str = "inplace"
+    directions: str = "gaussian"
+    difference: str = "central"
+    perturbation_scale: float = math.nan
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+    generations: int = 0
