@@ -1,0 +1,291 @@
+"""Shared-prefix caching: run the frozen bottom of a model once per batch, not 2K times.
+
+When only the top of a transformer is trainable (the head, the last N layers, LoRA adapters in
+the last layers), every one of the 2K perturbed evaluations of a DP-AggZO step computes the same
+hidden states up to the first trainable layer. :class:`PrefixCache` wraps a per-record loss
+function so that, for a given batch, the first call runs the whole model and keeps the output of
+the last frozen layer, and every later call with the same batch skips the embeddings and the
+frozen layers and runs only the trainable suffix::
+
+    cache = PrefixCache(model)                     # finds the layer stack and the first trainable
+    losses = cache.wrap(functools.partial(tasks.sequence_classification_losses, model))
+    opt.step(lambda: losses(batch))                # 1 full forward + 2K − 1 suffix forwards
+
+How: the wrapped function is called as usual; on a cache hit, the ``forward`` of the embedding
+block and of every frozen layer is temporarily replaced by one that returns the cached output
+of the last frozen layer (the attention masks, rotary embeddings and everything after the frozen
+layers still run normally). Losses are therefore exactly those of the full model, record by
+record: the prefix output of record i depends on record i alone (the same attention masks are
+used), which :func:`zoprivacy.tasks.check_per_sample` confirms on the wrapped function
+(``tests/test_prefix.py``).
+
+Rules: the model must be in eval mode (dropout in the prefix would otherwise be drawn once and
+reused, and the RNG replay of the optimizer would not line up); the embedding block and the
+layers below the first trainable one must have no trainable tensor (a tied weight is one tensor:
+with a trainable tied LM head the embeddings are trainable and nothing is cached); the cache is
+keyed on the batch's identity and the identity, storage, version counter and shape of its
+tensors, so a new or modified batch is recomputed. Frozen tensors must not change while a batch
+is cached (call :meth:`PrefixCache.clear` after changing them).
+
+:class:`LabelWordHead` makes the prompt-classification setup of SmolLM2 cacheable: a trainable
+copy of the LM head's label-word rows (C × H), so that the tied embedding stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LabelWordHead", "PrefixCache", "find_embeddings", "find_layers"]
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's layer stack: the ModuleList of identical blocks with most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of layers to cache")
+    return best[1], best[2]
+
+
+def find_embeddings(model: nn.Module, layers_name: str) -> tuple[str, nn.Module]:
+    """The module that turns the inputs into the first layer's input (e.g. ``bert.embeddings``).
+
+    It is the ancestor of ``model.get_input_embeddings()`` that is a sibling of the branch
+    holding the layers (``bert.embeddings`` next to ``bert.encoder.layer``; for Llama
+    ``model.embed_tokens`` next to ``model.layers``).
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    target = get() if callable(get) else None
+    if not isinstance(target, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no get_input_embeddings()")
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_name = names.get(id(target))
+    if emb_name is None:
+        raise ValueError("the input embeddings are not a submodule of the model")
+    emb_parts, layer_parts = emb_name.split("."), layers_name.split(".")
+    common = 0
+    while (
+        common < min(len(emb_parts), len(layer_parts)) and emb_parts[common] == layer_parts[common]
+    ):
+        common += 1
+    block_name = ".".join(emb_parts[: common + 1])
+    return block_name, model.get_submodule(block_name)
+
+
+def _fingerprint(batch: Any) -> tuple[Any, ...]:
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (id(value), value.data_ptr(), value._version, tuple(value.shape))
+        return id(value)
+
+    if isinstance(batch, Mapping):
+        items = tuple((k, one(v)) for k, v in batch.items())
+    elif isinstance(batch, list | tuple):
+        items = tuple(one(v) for v in batch)
+    else:
+        items = (one(batch),)
+    return (id(batch), items)
+
+
+class PrefixCache:
+    """Caches the frozen prefix (embeddings + layers below the first trainable one) per batch.
+
+    Args:
+        model: the (possibly PEFT-wrapped) transformer, in eval mode.
+        layers: the layer stack (default: :func:`find_layers`).
+        embeddings: the module computing the first layer's input (default:
+            :func:`find_embeddings`).
+
+    Attributes:
+        first_trainable: index of the first layer with a trainable tensor (``len(layers)`` when
+            none is trainable); 0 means nothing can be cached (``enabled`` is False).
+        hits, misses: calls served from the cache and calls that ran the whole model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: nn.ModuleList | None = None,
+        embeddings: nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        if layers is None:
+            layers_name, layers = find_layers(model)
+        else:
+            layers_name = next((n for n, m in model.named_modules() if m is layers), "")
+        if embeddings is None:
+            _, embeddings = find_embeddings(model, layers_name)
+        self.layers = layers
+        self.embeddings = embeddings
+        self.first_trainable = self._first_trainable()
+        self.hits = 0
+        self.misses = 0
+        self._key: tuple[Any, ...] | None = None
+        self._batch: Any = None
+        self._output: Any = None
+
+    def _first_trainable(self) -> int:
+        if any(p.requires_grad for p in self.embeddings.parameters()):
+            return 0
+        for i, layer in enumerate(self.layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.layers)
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one layer (or the embeddings) lies in the frozen prefix."""
+        return self.first_trainable > 0
+
+    @property
+    def num_cached_layers(self) -> int:
+        """Layers skipped on a cache hit (besides the embeddings)."""
+        return self.first_trainable
+
+    def clear(self) -> None:
+        """Forget the cached batch (e.g. after changing frozen weights)."""
+        self._key = self._batch = self._output = None
+
+    def refresh(self) -> None:
+        """Re-read which tensors are trainable (after changing ``requires_grad``) and clear."""
+        self.first_trainable = self._first_trainable()
+        self.clear()
+
+    def wrap(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``fn(batch, *args, **kwargs)`` with the prefix cached per batch."""
+
+        def cached(batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self.call(fn, batch, *args, **kwargs)
+
+        cached.__wrapped__ = fn  # type: ignore[attr-defined]
+        return cached
+
+    def call(self, fn: Callable[..., torch.Tensor], batch: Any, *args: Any, **kwargs: Any):
+        """Run ``fn(batch, ...)``, from the cached prefix when ``batch`` is the cached one."""
+        if not self.enabled:
+            return fn(batch, *args, **kwargs)
+        if self.model.training:
+            raise ValueError(
+                "PrefixCache needs the model in eval mode (model.eval()): dropout in the frozen "
+                "prefix would be drawn once and reused across the perturbed evaluations"
+            )
+        key = _fingerprint(batch)
+        if key == self._key and self._output is not None:
+            self.hits += 1
+            with self._short_circuit(self._output):
+                return fn(batch, *args, **kwargs)
+        self.clear()
+        captured: list[Any] = []
+        boundary = self.layers[self.first_trainable - 1] if self.first_trainable else None
+        module = boundary if boundary is not None else self.embeddings
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output)
+
+        handle = module.register_forward_hook(keep)
+        try:
+            out = fn(batch, *args, **kwargs)
+        finally:
+            handle.remove()
+        self.misses += 1
+        if len(captured) == 1:  # the model ran once on this batch: cache its prefix
+            self._key, self._batch, self._output = key, batch, captured[0]
+        return out
+
+    @contextlib.contextmanager
+    def _short_circuit(self, output: Any) -> Iterator[None]:
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        replaced: list[nn.Module] = []
+
+        def make(value: Any) -> Callable[..., Any]:
+            def forward(*_args: Any, **_kwargs: Any) -> Any:
+                return value
+
+            return forward
+
+        try:
+            self.embeddings.forward = make(hidden)  # type: ignore[method-assign]
+            replaced.append(self.embeddings)
+            for layer in self.layers[: self.first_trainable]:
+                layer.forward = make(output)  # type: ignore[method-assign]
+                replaced.append(layer)
+            yield
+        finally:
+            for module in replaced:
+                if "forward" in module.__dict__:
+                    del module.forward
+
+
+class LabelWordHead(nn.Module):
+    """A trainable copy of a causal LM's label-word rows: logits over C classes, not the vocabulary.
+
+    Prompt classification with a tied LM head (SmolLM2) reads ``lm_head.weight[label_ids]``,
+    which *is* the embedding matrix: training it makes the embeddings trainable and defeats
+    prefix caching. This head copies those C rows into its own ``weight`` (C × H) and computes
+    the same per-record losses as :func:`zoprivacy.tasks.prompt_classification_losses` (equal
+    at initialisation), so the embeddings can stay frozen.
+
+    Args:
+        model: the causal LM (its final norm and decoder are used as they are).
+        label_token_ids: one vocabulary id per class.
+    """
+
+    def __init__(self, model: nn.Module, label_token_ids: Sequence[int] | torch.Tensor) -> None:
+        super().__init__()
+        from zoprivacy.tasks.losses import _decoder_and_head
+
+        _, head = _decoder_and_head(model)
+        rows = torch.as_tensor(label_token_ids, dtype=torch.long).flatten()
+        with torch.no_grad():
+            self.weight = nn.Parameter(head.weight[rows.to(head.weight.device)].detach().clone())
+        bias = getattr(head, "bias", None)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias[rows.to(bias.device)].detach().clone())
+        )
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def losses(
+        self, model: nn.Module, batch: Mapping[str, Any], *, allow_training: bool = False
+    ) -> torch.Tensor:
+        """Per-record cross-entropy over the C label words at each record's answer position."""
+        from zoprivacy.tasks import losses as L
+
+        device, param_dtype = L._model_device_dtype(model)
+        dtype = L._loss_dtype(param_dtype)
+        if L._batch_records(batch) == 0:
+            return torch.zeros(0, dtype=dtype, device=device)
+        L._require_eval(model, allow_training)
+        labels = L._get(batch, "labels", device).long()
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be class indices [B], got {tuple(labels.shape)}")
+        classes = self.weight.shape[0]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"labels must be in [0, {classes}), got {labels.tolist()}")
+        decoder, _ = L._decoder_and_head(model)
+        with torch.inference_mode():
+            hidden, mask = L._hidden_states(decoder, batch, device)
+            pos = L.answer_positions(mask)
+            answer = hidden[torch.arange(hidden.shape[0], device=device), pos]
+            logits = self(answer)
+            losses = F.cross_entropy(logits.to(dtype), labels, reduction="none")
+        return L._finish(losses, dtype)
