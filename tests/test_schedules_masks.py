@@ -1,0 +1,350 @@
+"""DP-ZOSO schedules (φ, K, c, σ per stage, accountant charged per step) and DP-ZOPO masks
+(only the masked coordinates are perturbed and updated)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zoprivacy import accounting
+from zoprivacy.directions import direction_tensor
+from zoprivacy.masks import (
+    FixedMask,
+    MagnitudeMask,
+    RandomMask,
+    magnitude_masks,
+    pack_mask,
+    unpack_mask,
+)
+from zoprivacy.optimizer import DPAggZO
+from zoprivacy.schedules import Stagewise, schedule_epsilon, stage_lengths
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+]
+
+
+def _problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    x, y = torch.randn(6, 10), torch.randn(6, 2)
+    return model, (lambda: ((model(x) - y) ** 2).sum(1))
+
+
+class RecordingAccountant:
+    def __init__(self):
+        self.calls = []
+
+    def step(self, *, noise_multiplier, sample_rate, steps=1):
+        self.calls.append((noise_multiplier, sample_rate, steps))
+
+
+# ---------------------------------------------------------------- schedules
+def test_stagewise_values_and_validation():
+    s = Stagewise([3, 5], [1.0, 0.5, 0.25])
+    assert [s(t) for t in range(7)] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert s.stage(4) == 1 and s == Stagewise([3, 5], [1.0, 0.5, 0.25])
+    assert stage_lengths(s, 7) == [(1.0, 3), (0.5, 2), (0.25, 2)]
+    for bad in ([3, 3], [0], [2.5]):
+        with pytest.raises(ValueError):
+            Stagewise(bad, [1] * (len(bad) + 1))
+    with pytest.raises(ValueError, match="values"):
+        Stagewise([3], [1.0])
+
+
+def test_schedules_drive_every_step_and_the_accountant():
+    model, closure = _problem()
+    acc = RecordingAccountant()
+    opt = DPAggZO(
+        model.parameters(),
+        0.01,
+        num_directions=Stagewise([2], [2, 5]),
+        clip_norm=Stagewise([3], [1.0, 0.5]),
+        noise_multiplier=Stagewise([1, 3], [2.0, 1.0, 0.8]),
+        perturbation_scale=Stagewise([2], [1e-2, 1e-3]),
+        expected_batch_size=6,
+        accountant=acc,
+        sample_rate=0.1,
+        seed=0,
+    )
+    assert opt.scheduled == (
+        "num_directions",
+        "clip_norm",
+        "noise_multiplier",
+        "perturbation_scale",
+    )
+    seen = []
+    for _ in range(4):
+        assert opt.num_directions == (2 if opt.steps_taken < 2 else 5)
+        st = opt.step(closure)
+        seen.append(
+            (
+                st.num_directions,
+                st.clip_norm,
+                st.noise_multiplier,
+                st.perturbation_scale,
+                st.noise_std,
+                st.noisy_sum.numel(),
+            )
+        )
+    assert seen == [
+        (2, 1.0, 2.0, 1e-2, 2.0, 2),
+        (2, 1.0, 1.0, 1e-2, 1.0, 2),
+        (5, 1.0, 1.0, 1e-3, 1.0, 5),
+        (5, 0.5, 0.8, 1e-3, 0.4, 5),
+    ]
+    assert acc.calls == [(2.0, 0.1, 1), (1.0, 0.1, 1), (1.0, 0.1, 1), (0.8, 0.1, 1)]
+
+
+def test_heterogeneous_sigma_is_accounted_like_its_composition():
+    sigma = Stagewise([30], [1.5, 0.9])
+    acc = accounting.RDPAccountant()
+    acc.release_size(20.0)
+    model, _ = _problem()
+    opt = DPAggZO(
+        model.parameters(),
+        0.01,
+        num_directions=2,
+        clip_norm=1.0,
+        noise_multiplier=sigma,
+        expected_batch_size=6,
+        accountant=acc,
+        sample_rate=0.05,
+        seed=0,
+    )
+    for _ in range(50):
+        opt.step(lambda: torch.zeros(0))  # empty batches: still steps, still charged
+    eps = schedule_epsilon(
+        noise_multiplier=sigma, sample_rate=0.05, steps=50, delta=1e-5, laplace_scale=20.0
+    )
+    assert acc.get_epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
+    low = schedule_epsilon(
+        noise_multiplier=1.5, sample_rate=0.05, steps=50, delta=1e-5, laplace_scale=20.0
+    )
+    high = schedule_epsilon(
+        noise_multiplier=0.9, sample_rate=0.05, steps=50, delta=1e-5, laplace_scale=20.0
+    )
+    assert low < eps < high  # neither the first nor the last σ alone
+
+
+def test_bad_schedule_values_fail_before_charging():
+    model, closure = _problem()
+    acc = RecordingAccountant()
+    opt = DPAggZO(
+        model.parameters(),
+        0.01,
+        num_directions=2,
+        clip_norm=1.0,
+        noise_multiplier=Stagewise([1], [1.0, 0.0]),
+        expected_batch_size=6,
+        accountant=acc,
+        sample_rate=0.1,
+    )
+    opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="infinite privacy cost"):
+        opt.step(closure)
+    assert len(acc.calls) == 1 and opt.steps_taken == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    with pytest.raises(ValueError, match="num_directions"):
+        DPAggZO(
+            model.parameters(),
+            0.1,
+            num_directions=lambda t: 0,
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=1,
+        )
+    opt2 = DPAggZO(
+        model.parameters(),
+        0.1,
+        num_directions=Stagewise([1], [1, -1]),
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=1,
+    )
+    opt2.step(closure)
+    with pytest.raises(ValueError, match=r"num_directions \(at step 1\)"):
+        opt2.step(closure)
+
+
+def test_resume_with_schedules_is_bit_identical():
+    model, closure = _problem()
+    init = copy.deepcopy(model.state_dict())
+
+    def make(m):
+        return DPAggZO(
+            m.parameters(),
+            0.05,
+            num_directions=Stagewise([2], [2, 3]),
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            perturbation_scale=Stagewise([3], [1e-2, 1e-3]),
+            expected_batch_size=6,
+            seed=4,
+            noise_seed=9,
+        )
+
+    opt = make(model)
+    for _ in range(5):
+        opt.step(closure)
+    full = [p.detach().clone() for p in model.parameters()]
+
+    model.load_state_dict(init)
+    opt = make(model)
+    for _ in range(2):
+        opt.step(closure)
+    state = opt.state_dict()
+    assert state["zoprivacy"]["scheduled"] == ["num_directions", "perturbation_scale"]
+    resumed = make(model)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step(closure)
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), full, strict=True))
+    constant = DPAggZO(
+        model.parameters(),
+        0.05,
+        num_directions=2,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=6,
+    )
+    with pytest.raises(ValueError, match="same schedule"):
+        constant.load_state_dict(state)
+
+
+def test_torch_lr_scheduler_drives_the_learning_rate():
+    model, closure = _problem()
+    opt = DPAggZO(
+        model.parameters(),
+        0.1,
+        num_directions=1,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=6,
+        seed=0,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, Stagewise([2], [1.0, 0.0]))
+    for _ in range(2):
+        opt.step(closure)
+        sched.step()
+    frozen = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)  # lr is 0 now: the update is skipped, hooks leave θ bit-exact
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), frozen, strict=True))
+
+
+# ---------------------------------------------------------------- masks
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 1 << 19])
+def test_pack_unpack_roundtrip(n):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.3
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_mask(packed, (n,)), mask)
+
+
+def test_magnitude_and_random_masks():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(40, 50, generator=g)
+    big = MagnitudeMask(0.1)(0, 0, p)
+    small = MagnitudeMask(0.1, largest=False)(0, 0, p)
+    assert big.sum() == 200 and small.sum() == 200
+    assert p.abs()[big].min() > p.abs()[~big].max()
+    assert p.abs()[small].max() < p.abs()[~small].min()
+    sampled = MagnitudeMask(0.1, sample_size=500)(0, 0, p)  # threshold from a strided sample
+    assert 100 < int(sampled.sum()) < 300
+    r = RandomMask(0.25, seed=3, every=2)
+    a, b, c = r(0, 1, p), r(1, 1, p), r(2, 1, p)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, r(0, 2, p))
+    assert abs(float(a.float().mean()) - 0.25) < 0.05
+    assert MagnitudeMask(1.0)(0, 0, p) is None
+    with pytest.raises(ValueError):
+        MagnitudeMask(0.0)
+
+
+@pytest.mark.parametrize("perturbation", ["auto", "inplace"])
+@pytest.mark.parametrize(
+    "mask_factory",
+    [lambda: MagnitudeMask(0.2), lambda: RandomMask(0.3, seed=1)],
+    ids=["magnitude", "random"],
+)
+def test_masked_coordinates_move_and_the_others_do_not(perturbation, mask_factory):
+    """The probe perturbs exactly the masked coordinates (seen inside the closure) and the update
+    moves exactly those: no silent no-op through an advanced-indexing copy."""
+    model, _ = _problem()
+    x, y = torch.randn(6, 10), torch.randn(6, 2)
+    rule = mask_factory()
+    params = list(model.parameters())
+    masks = [rule(0, i, p.detach()) for i, p in enumerate(params)]
+    before = [p.detach().clone() for p in params]
+    seen = []
+
+    def closure():
+        seen.append([(p + 0).detach().clone() for p in params])  # what this evaluation reads
+        return ((model(x) - y) ** 2).sum(1)
+
+    opt = DPAggZO(
+        params,
+        0.5,
+        num_directions=3,
+        clip_norm=10.0,
+        noise_multiplier=0.5,
+        expected_batch_size=6,
+        seed=2,
+        noise_seed=0,
+        mask=rule,
+        perturbation=perturbation,
+        perturbation_scale=1e-2,
+    )
+    opt.step(closure)
+    for evaluation in seen:
+        for value, p0, m in zip(evaluation, before, masks, strict=True):
+            moved = value != p0
+            assert not moved[~m].any()  # unmasked coordinates are never perturbed
+            if m.any():  # masked ones are (z = 0 has probability 0)
+                assert moved[m].float().mean() > 0.9
+    for p, p0, m in zip(params, before, masks, strict=True):
+        assert torch.equal(p.detach()[~m], p0[~m])
+        if m.any():
+            assert (p.detach()[m] != p0[m]).float().mean() > 0.9
+    assert sum(int(m.sum()) for m in masks) > 0
+    assert opt.state_dict()["zoprivacy"]["masked"]
+
+
+def test_masked_update_is_the_masked_direction_sum():
+    model, closure = _problem()
+    params = list(model.parameters())
+    masks = magnitude_masks([p.detach() for p in params], 0.5)
+    before = [p.detach().clone() for p in params]
+    lr, b, seed = 0.1, 6.0, 8
+    opt = DPAggZO(
+        params,
+        lr,
+        num_directions=2,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=b,
+        seed=seed,
+        noise_seed=0,
+        mask=FixedMask(masks),
+    )
+    stats = opt.step(closure)
+    for i, (p, p0, m) in enumerate(zip(params, before, masks, strict=True)):
+        expected = p0.clone()
+        for k in range(2):
+            z = direction_tensor(p.shape, seed=seed, step=0, k=k, index=i) * m
+            expected -= lr / b * float(stats.noisy_sum[k]) * z
+        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        DPAggZO(
+            params,
+            0.1,
+            num_directions=1,
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=1,
+            mask=lambda t, i, p: torch.ones(3, dtype=torch.bool),
+        ).step(closure)
