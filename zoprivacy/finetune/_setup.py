@@ -298,7 +298,7 @@ class Classifier:
         return first
 
     @torch.no_grad()
-    def build_cache(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 64) -> None:
+    def build_cache(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32) -> None:
         """Run the frozen prefix once over ``encoded`` and keep its output for the losses."""
         first = self.cache_plan()
         if first is None:
@@ -316,8 +316,11 @@ class Classifier:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 sub = {k: v[start : start + batch_size] for k, v in inputs.items()}
-                out = self.model.bert(**sub, output_hidden_states=True)
-                states = out.hidden_states[first]  # hidden_states[i] enters layer i
+                sub = tasks.trim_padding(sub)
+                if first == num_layers:
+                    states = self.model.bert(**sub).last_hidden_state
+                else:  # hidden_states[i] is the input of layer i
+                    states = self.model.bert(**sub, output_hidden_states=True).hidden_states[first]
                 if first == num_layers:
                     states = states[:, 0]  # the pooler reads the first token only
                     if self.model.bert.pooler is not None and self._pooler_frozen():
@@ -441,7 +444,7 @@ class Classifier:
         return _LogitsModule(self)
 
     @torch.no_grad()
-    def accuracy(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 64) -> float:
+    def accuracy(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32) -> float:
         """Test accuracy of the full model (eval mode, no cache) on encoded records."""
         was_training = self.model.training
         self.model.eval()
