@@ -347,3 +347,34 @@ def test_cached_losses_equal_the_full_model_losses(trainable):
     batch = tasks.collate_trimmed([records[i] for i in range(len(records))])
     torch.testing.assert_close(clf.losses(batch), full, atol=1e-5, rtol=1e-5)
     tasks.check_per_sample(clf.losses, batch)
+
+
+@pytest.mark.parametrize("method", ["dpaggzo", "dpadamw"])
+def test_an_empty_poisson_batch_is_a_charged_noisy_step(method):
+    from zoprivacy import EMPTY_BATCH
+
+    data = _setup.load_task("rotten_tomatoes", per_class_train=4, test_size=8, seed=0)
+    clf = _setup.load_classifier("minilm", data, trainable="classifier", max_length=16, seed=0)
+    enc = clf.encode(data.train_texts, data.train_labels)
+    clf.build_cache(enc)
+    settings = _train.TrainSettings(
+        method=method,
+        steps=3,
+        lr=0.01,
+        batch_size=4.0,
+        directions=4,
+        clip_norm=0.5,
+        perturbation_scale=1e-3,
+        weight_decay=0.0,
+        epsilon=2.0,
+        delta=1e-5,
+        seed=0,
+    )
+    trainer = _train.make_trainer(clf, clf.cached_dataset(enc["labels"]), settings)
+    before = clf.model.classifier.weight.detach().clone()
+    diag = trainer.step(EMPTY_BATCH)
+    assert diag["batch_size"] == 0 and math.isnan(diag["loss"])
+    assert trainer.steps_done == 1
+    accountant = trainer.accountant
+    assert accountant.steps == 1 and accountant.size_released
+    assert not torch.equal(clf.model.classifier.weight.detach(), before)  # the noise moved it
