@@ -89,3 +89,15 @@ def test_bad_input_is_one_line_not_a_traceback(argv):
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "error:" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["finetune", "--bogus"], ["calibrate", "--epsilon", "x"], [], ["nonsense"]]
+)
+def test_argument_errors_are_one_line(argv):
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoprivacy.cli", *argv], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--help" in proc.stderr

@@ -117,8 +117,15 @@ def _json_safe(value: object) -> object:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2), with a pointer to --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="zoprivacy",
         description="Differentially private zeroth-order fine-tuning (DP-AggZO): accounting "
         "and jobs.",
