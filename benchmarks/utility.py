@@ -1,0 +1,735 @@
+"""Utility of DP-AggZO against its baselines at CPU scale (the paper's Tables 1-2 and Figure 5).
+
+Protocol (README_utility.md has the full description and the results):
+
+* tasks: Rotten Tomatoes (binary, the SST-2 stand-in) and BBC News topics (5 classes, the TREC
+  stand-in), split once with the public seed 0 by :func:`zoprivacy.packaged.make_splits`: a fixed
+  held-out test split (the ``zoprivacy finetune`` job's, same seed and size), a validation split
+  carved from the rest, and up to 512 training records per class from what is left;
+* model: the packaged MiniLM classifier with only the classification head trainable; the frozen
+  encoder's pooled output is computed once per task (the job's frozen-prefix cache, checked
+  against the full model on test records) and every loss, gradient and accuracy reads it;
+* methods: DP-AggZO (K = 16, 64), DPZO (K = 1), MeZO (K = 16), DP-AdamW (Opacus, the job's
+  accounting: ψ = 1/(0.05 ε) for ñ, σ calibrated for q = b/ñ and T steps), AdamW and the
+  untrained (zero-shot) head; δ = 1e-5, ε in {2, 6}, the non-private methods once;
+* hyper-parameters: a small learning-rate grid per method (:data:`GRID`), trained with the grid
+  seed 0 and selected on the *validation* accuracy; the selected value then runs the other
+  seeds. Test accuracy never enters the selection;
+* budgets: every method runs T steps (``--steps``). DPZO is also run at the forward-pass budget
+  of DP-AggZO K = 64 (64 T steps), capped at ``--dpzo-cap`` steps (row key ``comparison``).
+
+Each run calls the job's own trainers (:func:`zoprivacy.finetune._train.make_trainer`) in this
+process, so the privacy accounting, clipping and noise are exactly the job's. Results are
+appended to ``utility.json`` (a list of rows) after every run; an interrupted run resumes and
+skips the rows already there.
+
+    python -m benchmarks.utility --tasks bbc_news --epsilons 2 --steps 1000
+    python -m benchmarks.utility --figure5          # accuracy against K (Figure 5)
+    python -m benchmarks.utility --quick --out /tmp/u
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks._common import RESULTS, machine
+
+#: The learning-rate grid of each method (at most two values: the CPU budget). The ZO clip norm
+#: is β/√K with β = 0.8 and DP-AdamW clips per-sample gradients at 1.0 (the job's defaults).
+GRID: dict[str, list[float]] = {
+    "dpaggzo": [1.0, 3.0],
+    "dpzo": [1.0, 3.0],
+    "mezo": [0.3, 1.0],
+    "dpadamw": [0.01, 0.05],
+    "adamw": [0.01, 0.05],
+    "zeroshot": [0.0],
+}
+CLIP_BETA = 0.8  # ZO: c = β/√K
+DPADAMW_CLIP = 1.0
+MEZO_K = 16
+BATCH_SIZE = 64.0
+PERTURBATION_SCALE = 1e-3
+DELTA = 1e-5
+SPLIT_SEED = 0  # the public split (the fixed test split of the finetune job)
+GRID_SEED = 0  # the seed the grid runs with; the other seeds reuse the selected value
+PER_CLASS_TRAIN = 512
+VALIDATION_SIZE = {"rotten_tomatoes": 200, "bbc_news": 200}
+MODEL = "minilm"
+ALL_TASKS = ("bbc_news", "rotten_tomatoes")
+ALL_METHODS = ("zeroshot", "dpaggzo", "dpzo", "mezo", "dpadamw", "adamw")
+ZO_K = {"dpaggzo": (64, 16), "dpzo": (1,), "mezo": (MEZO_K,)}
+FIGURE5_K = (1, 4, 16, 64)
+REFERENCE_K = 64  # DPZO's forward-pass budget is that of DP-AggZO with this K
+
+#: Keys of every row of utility.json (the quick test checks them).
+ROW_KEYS = (
+    "task",
+    "model",
+    "method",
+    "K",
+    "epsilon",
+    "seed",
+    "test_accuracy",
+    "validation_accuracy",
+    "test_accuracy_before",
+    "comparison",
+    "steps",
+    "steps_planned",
+    "forward_passes",
+    "backward_passes",
+    "wall_seconds",
+    "peak_memory_mib",
+    "noise_multiplier",
+    "clip_norm",
+    "lr",
+    "delta",
+    "epsilon_spent",
+    "batch_size",
+    "selected",
+    "selected_on",
+    "grid",
+    "grid_seed",
+    "train_records",
+    "validation_records",
+    "test_records",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and the cached features
+# ---------------------------------------------------------------------------------------------
+
+
+class TaskFeatures:
+    """One task's public split, encoded once through the frozen MiniLM encoder."""
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        per_class_train: int,
+        validation_size: int,
+        test_size: int | None,
+        max_length: int | None,
+        cache_dir: Path | None,
+    ) -> None:
+        from zoprivacy import packaged
+        from zoprivacy.finetune._setup import TASK_DEFAULTS, TaskData, load_classifier
+
+        self.task = task
+        defaults = TASK_DEFAULTS[task]
+        test_size = defaults["test_size"] if test_size is None else test_size
+        max_length = defaults["max_length"] if max_length is None else max_length
+        loader = {
+            "rotten_tomatoes": packaged.load_rotten_tomatoes,
+            "bbc_news": packaged.load_bbc_news,
+        }[task]
+        data = loader()
+        splits = packaged.make_splits(
+            data.texts,
+            data.labels,
+            per_class_train=per_class_train,
+            test_size=test_size,
+            validation_size=validation_size,
+            seed=SPLIT_SEED,
+        )
+        self.num_labels = len(data.label_names)
+        self.sizes = {
+            "train": len(splits.train.texts),
+            "validation": len(splits.validation.texts),
+            "test": len(splits.test.texts),
+        }
+        info = TaskData(
+            task,
+            tuple(data.label_names),
+            splits.train.texts,
+            splits.train.labels,
+            splits.test.texts,
+            splits.test.labels,
+        )
+        self.classifier = load_classifier(
+            MODEL, info, trainable="classifier", max_length=max_length, seed=GRID_SEED
+        )
+        key = f"{task}-{per_class_train}-{validation_size}-{test_size}-{max_length}-{SPLIT_SEED}"
+        path = None if cache_dir is None else cache_dir / f"features-{key}.pt"
+        clf = self.classifier
+        test = clf.encode(splits.test.texts, splits.test.labels)
+        if path is not None and path.exists():
+            self.features = torch.load(path, weights_only=True)
+            clf._cache_from = len(clf._layers())  # the head reads the cached pooled output
+        else:
+            train = clf.encode(splits.train.texts, splits.train.labels)
+            val = clf.encode(splits.validation.texts, splits.validation.labels)
+            clf.build_cache(train)
+            if not clf.verify_cache(test):
+                raise RuntimeError(f"the frozen-prefix cache does not match MiniLM on {task}")
+            first = clf._cache_from
+            self.features = {
+                "train": {"hidden": clf._cache["hidden"], "labels": train["labels"]},
+                "validation": {
+                    "hidden": clf._prefix_outputs(val, first, batch_size=32)["hidden"],
+                    "labels": val["labels"],
+                },
+                "test": {
+                    "hidden": clf._prefix_outputs(test, first, batch_size=32)["hidden"],
+                    "labels": test["labels"],
+                },
+            }
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self.features, path)
+        # a check on every start (cached file or not): cached test logits == full model's
+        probe = {k: v[:8] for k, v in test.items()}
+        with torch.inference_mode():
+            full = clf._full_logits(probe)
+            fast = clf._suffix_logits({"hidden": self.features["test"]["hidden"][:8]})
+        if not torch.allclose(full, fast, atol=1e-4, rtol=1e-4):
+            raise RuntimeError("cached features differ from the full model; delete the cache")
+        self._heads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def initial_head(self, seed: int) -> dict[str, torch.Tensor]:
+        """The packaged loader's head initialisation for ``seed`` (the job's --seed)."""
+        if seed not in self._heads:
+            from zoprivacy import packaged
+
+            net, _ = packaged.load_minilm_classifier(self.num_labels, seed=seed)
+            self._heads[seed] = {k: v.clone() for k, v in net.classifier.state_dict().items()}
+            del net
+        return self._heads[seed]
+
+    def accuracy(self, split: str) -> float:
+        feats = self.features[split]
+        clf = self.classifier
+        clf.model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for start in range(0, feats["labels"].shape[0], 512):
+                logits = clf._suffix_logits({"hidden": feats["hidden"][start : start + 512]})
+                pred = logits.argmax(dim=-1)
+                correct += int((pred == feats["labels"][start : start + 512]).sum())
+        return correct / feats["labels"].shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(
+    feats: TaskFeatures,
+    *,
+    method: str,
+    k: int | None,
+    epsilon: float | None,
+    seed: int,
+    lr: float,
+    steps: int,
+) -> dict[str, Any]:
+    """Train the head with ``method`` through the job's trainers; returns the measured row."""
+    from zoprivacy.accounting import PrivacyBudgetExceeded
+    from zoprivacy.finetune._train import TrainSettings, make_trainer
+    from zoprivacy.tasks import TensorDictDataset
+
+    clf = feats.classifier
+    clf.model.classifier.load_state_dict(feats.initial_head(seed))
+    clf.model.eval()
+    before = feats.accuracy("test")
+    _reset_peak_rss()
+    started = time.monotonic()
+    privacy: dict[str, Any] = {}
+    done = 0
+    clip = None
+    if method != "zeroshot":
+        if method in ("dpaggzo", "dpzo"):
+            clip = CLIP_BETA / math.sqrt(k)
+        elif method == "dpadamw":
+            clip = DPADAMW_CLIP
+        settings = TrainSettings(
+            method=method,
+            steps=steps,
+            lr=lr,
+            batch_size=BATCH_SIZE,
+            directions=k or 1,
+            clip_norm=math.inf if clip is None else clip,
+            perturbation_scale=PERTURBATION_SCALE,
+            weight_decay=0.0,
+            epsilon=2.0 if epsilon is None else epsilon,
+            delta=DELTA,
+            seed=seed,
+        )
+        train = feats.features["train"]
+        dataset = TensorDictDataset({"hidden": train["hidden"], "labels": train["labels"]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = make_trainer(clf, dataset, settings)
+            for batch in trainer.loader:
+                try:
+                    trainer.step(batch)
+                except PrivacyBudgetExceeded:
+                    break
+            if hasattr(trainer, "close"):
+                trainer.close()
+        done = trainer.steps_done
+        privacy = trainer.privacy
+        eps_spent = trainer.epsilon_spent()
+    else:
+        eps_spent = 0.0
+    wall = time.monotonic() - started
+    peak = _peak_rss_mib()
+    clf.model.eval()
+    if method in ("dpaggzo", "dpzo", "mezo"):
+        forward, backward = 2 * (k or 1) * done, 0
+    elif method in ("dpadamw", "adamw"):
+        forward, backward = done, done
+    else:
+        forward, backward = 0, 0
+    return {
+        "task": feats.task,
+        "model": MODEL,
+        "method": method,
+        "K": k,
+        "epsilon": epsilon,
+        "seed": seed,
+        "test_accuracy": feats.accuracy("test"),
+        "validation_accuracy": feats.accuracy("validation"),
+        "test_accuracy_before": before,
+        "steps": done,
+        "steps_planned": steps if method != "zeroshot" else 0,
+        "forward_passes": forward,
+        "backward_passes": backward,
+        "wall_seconds": wall,
+        "peak_memory_mib": peak,
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "clip_norm": clip,
+        "lr": lr if method != "zeroshot" else None,
+        "delta": DELTA if epsilon is not None else None,
+        "epsilon_spent": eps_spent,
+        "sample_rate": privacy.get("sample_rate"),
+        "noisy_dataset_size": privacy.get("noisy_dataset_size"),
+        "batch_size": BATCH_SIZE,
+        "perturbation_scale": PERTURBATION_SCALE if method in ("dpaggzo", "dpzo", "mezo") else None,
+        "train_records": feats.sizes["train"],
+        "validation_records": feats.sizes["validation"],
+        "test_records": feats.sizes["test"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+# ---------------------------------------------------------------------------------------------
+
+
+def cells(
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    epsilons: Sequence[float],
+    steps: int,
+    dpzo_cap: int,
+    ks: dict[str, Sequence[int]],
+) -> list[dict[str, Any]]:
+    """The (task, method, K, ε, steps, comparison) cells, in the order they run."""
+    out: list[dict[str, Any]] = []
+    for task in tasks:
+        for method in methods:
+            if method == "zeroshot":
+                out.append(_cell(task, method, None, None, 0, "untrained"))
+                continue
+            eps_list: list[float | None] = (
+                list(epsilons) if method in ("dpaggzo", "dpzo", "dpadamw") else [None]
+            )
+            for eps in eps_list:
+                if method in ("dpadamw", "adamw"):
+                    out.append(_cell(task, method, None, eps, steps, "equal_steps"))
+                    continue
+                for k in ks.get(method, ZO_K[method]):
+                    out.append(_cell(task, method, k, eps, steps, "equal_steps"))
+                if method == "dpzo" and dpzo_cap > steps:
+                    budget = min(REFERENCE_K * steps, dpzo_cap)
+                    out.append(_cell(task, method, 1, eps, budget, "equal_forward_passes"))
+    return out
+
+
+def _cell(task, method, k, eps, steps, comparison) -> dict[str, Any]:
+    return {
+        "task": task,
+        "method": method,
+        "K": k,
+        "epsilon": eps,
+        "steps": steps,
+        "comparison": comparison,
+    }
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (
+        row["task"],
+        row["method"],
+        row["K"],
+        row["epsilon"],
+        row["steps_planned"],
+        row["comparison"],
+        row["seed"],
+        row["lr"],
+    )
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())
+
+
+def _save(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def run_cells(
+    cell_list: list[dict[str, Any]],
+    seeds: Sequence[int],
+    path: Path,
+    *,
+    features: dict[str, TaskFeatures],
+    make_features,
+    grid: dict[str, list[float]],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every cell: the grid (seed 0), the selection on validation, then the other seeds."""
+    from tqdm.auto import tqdm
+
+    rows = _load(path)
+    done = {_key(r) for r in rows}
+    total = sum(
+        len(grid[c["method"]]) + len([s for s in seeds if s != GRID_SEED]) for c in cell_list
+    )
+    bar = tqdm(total=total, desc="utility", unit="run", disable=not progress, file=sys.stderr)
+    for cell in cell_list:
+        values = grid[cell["method"]]
+        lr_of_run = {}
+        for lr in values:  # grid runs on the grid seed
+            lr_of_run[lr] = _run_or_skip(
+                cell, GRID_SEED, lr, rows, done, path, features, make_features, values, bar
+            )
+        best_lr = max(values, key=lambda v: (lr_of_run[v]["validation_accuracy"], -values.index(v)))
+        for r in rows:
+            if _matches(r, cell) and r["seed"] == GRID_SEED:
+                r["selected"] = r["lr"] == best_lr if r["lr"] is not None else True
+        for seed in seeds:
+            if seed == GRID_SEED:
+                continue
+            row = _run_or_skip(
+                cell, seed, best_lr, rows, done, path, features, make_features, values, bar
+            )
+            row["selected"] = True
+        _save(path, rows)
+    bar.close()
+    return rows
+
+
+def _matches(row: dict[str, Any], cell: dict[str, Any]) -> bool:
+    return (
+        row["task"] == cell["task"]
+        and row["method"] == cell["method"]
+        and row["K"] == cell["K"]
+        and row["epsilon"] == cell["epsilon"]
+        and row["steps_planned"] == cell["steps"]
+        and row["comparison"] == cell["comparison"]
+    )
+
+
+def _run_or_skip(cell, seed, lr, rows, done, path, features, make_features, values, bar):
+    lr_key = None if cell["method"] == "zeroshot" else lr
+    key = (
+        cell["task"],
+        cell["method"],
+        cell["K"],
+        cell["epsilon"],
+        cell["steps"],
+        cell["comparison"],
+        seed,
+        lr_key,
+    )
+    if key in done:
+        bar.update(1)
+        return next(r for r in rows if _key(r) == key)
+    if cell["task"] not in features:
+        features[cell["task"]] = make_features(cell["task"])
+    bar.set_postfix_str(
+        f"{cell['task']} {cell['method']} K={cell['K']} eps={cell['epsilon']} "
+        f"T={cell['steps']} lr={lr} seed={seed}"
+    )
+    row = run_one(
+        features[cell["task"]],
+        method=cell["method"],
+        k=cell["K"],
+        epsilon=cell["epsilon"],
+        seed=seed,
+        lr=lr,
+        steps=cell["steps"],
+    )
+    row.update(
+        comparison=cell["comparison"],
+        selected=False,
+        selected_on="validation",
+        grid={"lr": list(values)} if cell["method"] != "zeroshot" else {},
+        grid_seed=GRID_SEED,
+        clip_beta=CLIP_BETA if cell["method"] in ("dpaggzo", "dpzo") else None,
+    )
+    rows.append(row)
+    done.add(key)
+    _save(path, rows)
+    bar.update(1)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# summary and plots
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std of the test accuracy of the selected rows, one entry per cell."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("selected"):
+            continue
+        key = (r["task"], r["method"], r["K"], r["epsilon"], r["steps_planned"], r["comparison"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, group in groups.items():
+        acc = torch.tensor([g["test_accuracy"] for g in group], dtype=torch.float64)
+        out.append(
+            {
+                "task": key[0],
+                "method": key[1],
+                "K": key[2],
+                "epsilon": key[3],
+                "steps": key[4],
+                "comparison": key[5],
+                "lr": group[0]["lr"],
+                "seeds": sorted(g["seed"] for g in group),
+                "test_accuracy_mean": float(acc.mean()),
+                "test_accuracy_std": float(acc.std()) if len(group) > 1 else 0.0,
+                "wall_seconds_mean": sum(g["wall_seconds"] for g in group) / len(group),
+                "forward_passes": group[0]["forward_passes"],
+            }
+        )
+    return out
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({s["task"] for s in summary})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        items = [s for s in summary if s["task"] == task and s["comparison"] != "accuracy_vs_k"]
+        labels = [_label(s) for s in items]
+        means = [s["test_accuracy_mean"] for s in items]
+        stds = [s["test_accuracy_std"] for s in items]
+        ax.barh(range(len(items)), means, xerr=stds, color="tab:blue", alpha=0.8)
+        ax.set_yticks(range(len(items)), labels, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("test accuracy (mean ± std over seeds)")
+        ax.set_title(f"MiniLM head, {task}")
+        for i, m in enumerate(means):
+            ax.text(min(m + 0.02, 0.9), i, f"{m:.3f}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _label(s: dict[str, Any]) -> str:
+    eps = "non-private" if s["epsilon"] is None else f"ε={s['epsilon']:g}"
+    k = "" if s["K"] is None else f" K={s['K']}"
+    extra = " (equal fwd)" if s["comparison"] == "equal_forward_passes" else ""
+    return f"{s['method']}{k} {eps} T={s['steps']}{extra}"
+
+
+def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted((r for r in rows if r["comparison"] == "accuracy_vs_k"), key=lambda r: r["K"])
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([r["K"] for r in items], [r["test_accuracy"] for r in items], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (directions per step)")
+    ax.set_ylabel("test accuracy")
+    r0 = items[0]
+    ax.set_title(f"DP-AggZO, {r0['task']}, ε={r0['epsilon']:g}, T={r0['steps_planned']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.utility", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one cell, two steps (CI)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--tasks", default=",".join(ALL_TASKS))
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epsilons", default="2,6")
+    parser.add_argument("--steps", type=int, default=1000, help="steps T of every method")
+    parser.add_argument("--ks", default="", help="DP-AggZO K values (default 64,16)")
+    parser.add_argument(
+        "--dpzo-cap",
+        type=int,
+        default=16000,
+        help="cap on DPZO's steps at DP-AggZO K=64's forward-pass budget (64 T); 0: no run",
+    )
+    parser.add_argument("--grid", default="", help="override: METHOD=lr1,lr2;METHOD=...")
+    parser.add_argument(
+        "--figure5",
+        action="store_true",
+        help="accuracy against K (DP-AggZO, K in 1,4,16,64, first ε and seed and task)",
+    )
+    parser.add_argument("--figure5-lr", type=float, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/zoprivacy-utility-cache"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = _ints(args.seeds)
+    epsilons = _floats(args.epsilons)
+    grid = {k: list(v) for k, v in GRID.items()}
+    for part in filter(None, args.grid.split(";")):
+        name, values = part.split("=")
+        grid[name.strip()] = _floats(values)
+    ks: dict[str, Sequence[int]] = {}
+    if args.ks:
+        ks["dpaggzo"] = _ints(args.ks)
+    per_class, val_size, test_size, max_length = PER_CLASS_TRAIN, None, None, None
+    cache_dir: Path | None = args.cache_dir
+    name = "utility"
+    if args.quick:
+        tasks, methods, seeds, epsilons = ["rotten_tomatoes"], ["dpaggzo"], [0], [2.0]
+        ks = {"dpaggzo": [4]}
+        args.steps, args.dpzo_cap = 2, 0
+        grid["dpaggzo"] = [1.0]
+        per_class, val_size, test_size, max_length = 8, 8, 16, 32
+        cache_dir = None
+        name = "utility_quick"
+    unknown = set(methods) - set(ALL_METHODS) or set(tasks) - set(ALL_TASKS)
+    if unknown:
+        parser.error(f"unknown {sorted(unknown)}")
+
+    def make_features(task: str) -> TaskFeatures:
+        return TaskFeatures(
+            task,
+            per_class_train=per_class,
+            validation_size=VALIDATION_SIZE[task] if val_size is None else val_size,
+            test_size=test_size,
+            max_length=max_length,
+            cache_dir=cache_dir,
+        )
+
+    path = args.out / f"{name}.json"
+    features: dict[str, TaskFeatures] = {}
+    with contextlib.ExitStack():
+        if args.figure5:
+            cell_list = [
+                {
+                    "task": tasks[0],
+                    "method": "dpaggzo",
+                    "K": k,
+                    "epsilon": epsilons[0],
+                    "steps": args.steps,
+                    "comparison": "accuracy_vs_k",
+                }
+                for k in ks.get("dpaggzo", FIGURE5_K)
+            ]
+            lr = args.figure5_lr if args.figure5_lr is not None else grid["dpaggzo"][0]
+            rows = run_cells(
+                cell_list,
+                seeds[:1],
+                path,
+                features=features,
+                make_features=make_features,
+                grid={"dpaggzo": [lr]},
+                progress=not args.no_progress,
+            )
+        else:
+            cell_list = cells(tasks, methods, epsilons, args.steps, args.dpzo_cap, ks)
+            rows = run_cells(
+                cell_list,
+                seeds,
+                path,
+                features=features,
+                make_features=make_features,
+                grid=grid,
+                progress=not args.no_progress,
+            )
+    summary = summarize(rows)
+    print(f"machine: {machine()}", file=sys.stderr)
+    plot(summary, args.out / f"{name}_accuracy.png")
+    plot_vs_k(rows, args.out / f"{name}_vs_k.png")
+    for s in sorted(summary, key=lambda s: (s["task"], s["method"], str(s["epsilon"]))):
+        print(
+            f"{_label(s):45s} lr={s['lr']}  test {s['test_accuracy_mean']:.4f} "
+            f"± {s['test_accuracy_std']:.4f}  seeds {s['seeds']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
