@@ -351,12 +351,16 @@ def poisson_loader(
 
 
 def _os_entropy_laplace(scale: float) -> float:
-    """Laplace(0, scale) as the difference of two exponentials drawn from the OS CSPRNG."""
-    rand = secrets.SystemRandom()
-    # random() is in [0, 1), so 1 - u is in (0, 1] and the log is finite.
-    e1 = -math.log(1.0 - rand.random())
-    e2 = -math.log(1.0 - rand.random())
-    return scale * (e1 - e2)
+    """round(Laplace(0, scale)) from OS entropy, sampled exactly with integer arithmetic.
+
+    :func:`zoprivacy.secure_noise.rounded_laplace`: n + round(L) = round(n + L) is
+    post-processing of the Laplace mechanism (same 1/ψ pure DP, same RDP curve), and an integer
+    has no low-order bits that could reveal n (unlike a float ``n + scale·(e1 − e2)``, open to
+    Mironov's 2012 attack).
+    """
+    from zoprivacy.secure_noise import rounded_laplace
+
+    return float(rounded_laplace(scale))
 
 
 def release_size(
@@ -370,8 +374,10 @@ def release_size(
 
     Adding or removing one record changes ``n`` by 1, so the Laplace mechanism with scale
     ``ψ`` is ``1/ψ``-DP (pure); its Rényi-DP cost is the first term of Lemma 5, which the
-    accountant adds to the ``T`` subsampled-Gaussian steps. Clamping to at least 1 is
-    post-processing (it keeps ``b = q·ñ`` positive) and costs nothing.
+    accountant adds to the ``T`` subsampled-Gaussian steps. From OS entropy the noise is
+    ``round(Lap(ψ))``, drawn exactly (so ``ñ`` is an integer-valued float): ``round(n + L)`` is
+    post-processing of ``n + L`` and keeps its guarantee, without floating-point leaks. Clamping to
+    at least 1 is post-processing (it keeps ``b = q·ñ`` positive) and costs nothing.
 
     Args:
         num_records: the true size ``n`` (``int >= 0``).

@@ -1,0 +1,619 @@
+"""Empirical privacy audit of the whole DP-AggZO step with a canary record.
+
+:func:`run_audit` plays the distinguishing game of differential privacy many times with the real
+optimizer and turns the attacker's success into a statistical *lower* bound on ε. If the
+implementation keeps its promise, the bound stays below the ε the accountant claims; a bound above
+the claim is evidence of a privacy bug (with 95% confidence).
+
+The game
+--------
+* Model: one float64 parameter vector θ ∈ R^d, d = K + 1, starting at 0, trained with ``lr = 1``.
+* Neighbouring datasets: D0 holds ``background_records`` records whose loss does not depend on θ
+  (so they contribute Δ = 0 exactly and only change |B|); D1 = D0 plus the canary, whose loss is
+  L(θ) = A·θ_0 with A = 10^6·c·K. Its finite differences are Δ_k = A·z_k[0], so
+  ‖Δ_agg‖ ≈ 10^6·c·√K and clipping brings it to exactly c·u with u = w/‖w‖, w_k = z_k[0]: the
+  largest contribution one record may make, along a direction the attacker computes from the
+  *public* seed (:func:`zoprivacy.directions.direction_tensor`).
+* Each trial builds a fresh optimizer (same public seed, noise from OS entropy, i.e. the private
+  path) and runs ``steps`` steps on D0 or on D1, with Poisson batches drawn by the library's
+  :class:`~zoprivacy.data.PoissonBatchSampler` (rate q; with q < 1 the canary is in a step's batch
+  with probability q). The normaliser is the public b = q·|D1|.
+* What the attacker sees, per step: the release ``stats.noisy_sum`` and the parameter update
+  θ_{t+1} − θ_t, which it maps back to K numbers R̂ = −(b/η)·Z⁺(θ_{t+1} − θ_t) with the public
+  directions Z (for a correct step R̂ = S; normalising by the private |B| or any other change to
+  the update shows up here even when ``noisy_sum`` is right).
+
+The tests (attacks)
+-------------------
+Each attack is a real-valued statistic of what the attacker sees, thresholded:
+
+* ``release:likelihood`` / ``update:likelihood``: the Neyman-Pearson likelihood ratio for the
+  correct mechanism, with y_t = ⟨R_t, u_t⟩/c: Σ_t y_t for q = 1, and
+  Σ_t log(1 − q + q·exp((y_t − ½)/σ²)) for q < 1 (the canary is in each batch with probability q);
+* ``release:norm`` / ``update:norm``: Σ_t ‖R_t‖/c (catches scale changes such as |B|-dependent
+  normalisation);
+* ``release:float``: how many coordinates of the first release cannot be written as
+  fl(x₁ + v) for any float v, where x₁ is the canary's clipped vector as the optimizer computes it
+  (obtained by a noiseless dry run of the same class). Float noise added to an unrounded float sum
+  makes some outputs impossible under D1 but possible under D0 (Mironov 2012's idea applied to the
+  Gaussian sum); exact grid releases are immune;
+* ``release:grid``: how many released coordinates lie exactly on the public noise grid
+  g = :func:`~zoprivacy.secure_noise.noise_grid` (σc) (grid noise added to a sum that was not
+  rounded to the grid reveals the sum modulo g).
+
+Both directions of every statistic are tried. Any statistic is sound: it only uses public
+information and the releases.
+
+From rates to ε, and the multiple-threshold problem
+---------------------------------------------------
+An (ε, δ)-DP mechanism forces every test to satisfy FPR + e^ε·FNR ≥ 1 − δ and
+FNR + e^ε·FPR ≥ 1 − δ, so ε ≥ log((1 − δ − FNR)/FPR) and ε ≥ log((1 − δ − FPR)/FNR). The trials
+are split in two halves. The *selection* half picks the attack, its direction, the threshold and
+which of the two inequalities to use, maximising the bound computed on that half. The
+*evaluation* half then measures FPR and FNR at that single choice, with Clopper-Pearson 95%
+two-sided intervals (:func:`clopper_pearson`, :func:`scipy.stats.beta`); plugging in both upper
+ends gives ``epsilon_lower``. Each upper end holds with probability ≥ 97.5%, so by the union
+bound ``epsilon_lower`` is a valid lower bound with probability ≥ 95%, whatever was tried on the
+selection half. ``by_attack`` repeats this per attack (each value is a 95% bound on its own; their
+maximum is not).
+
+The tight reference
+-------------------
+With q = 1 the correct T-step mechanism is exactly a Gaussian mechanism with μ = √T/σ
+(μ-GDP, Dong, Roth, Su 2019), whose exact privacy profile is
+δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Balle and Wang 2018). ``epsilon_tight`` is that ε at the
+audit's δ: no test can beat it, and it is below ``epsilon_claimed`` (RDP converted with Lemma 8).
+``mu_lower`` is the 95% lower bound μ ≥ Φ⁻¹(1 − FPR) − Φ⁻¹(FNR) at a threshold chosen on the
+selection half (valid for the claim "the mechanism is μ-GDP"), and ``epsilon_lower_gdp`` is the ε
+of a μ_lower-GDP mechanism at δ: not a rigorous (ε, δ) lower bound in general, but the right
+yardstick when the mechanism really is Gaussian, where it gets close to ``epsilon_tight`` with a
+few thousand trials while ``epsilon_lower`` needs about 1/δ trials to get there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import optimize, special, stats
+
+from zoprivacy.accounting import compute_epsilon
+from zoprivacy.data import PoissonBatchSampler
+from zoprivacy.directions import direction_tensor, draw_public_seed
+from zoprivacy.optimizer import DPAggZO
+from zoprivacy.secure_noise import noise_grid
+
+__all__ = [
+    "AuditResult",
+    "clopper_pearson",
+    "epsilon_from_rates",
+    "gaussian_delta",
+    "gaussian_epsilon",
+    "run_audit",
+]
+
+_CANARY_SCALE = 1e6
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """Outcome of :func:`run_audit`.
+
+    Rates are those of the chosen test on the evaluation half: a false positive is a D0 run the
+    test calls D1; a false negative is a D1 run it calls D0. Intervals are Clopper-Pearson, 95%
+    two-sided. ``shift`` (± ``shift_stderr``) and ``noise_std`` are diagnostics from all trials, in
+    units of c: the mean of y_t = ⟨R_t, u_t⟩/c under D1 minus under D0 (expected: q) and its
+    standard deviation under D0 (expected: σ); a fault that shrinks the canary or the noise shows
+    up there even when it does not hurt privacy.
+    """
+
+    num_directions: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    delta: float
+    trials: int
+    selection_trials: int
+    evaluation_trials: int
+    epsilon_lower: float
+    epsilon_claimed: float
+    epsilon_tight: float | None
+    mu_claimed: float | None
+    mu_lower: float
+    epsilon_lower_gdp: float
+    attack: str
+    threshold: float
+    false_positive_rate: float
+    false_negative_rate: float
+    fpr_interval: tuple[float, float]
+    fnr_interval: tuple[float, float]
+    by_attack: dict[str, float]
+    shift: float
+    shift_stderr: float
+    noise_std: float
+    confidence: float
+    seconds: float
+    _data: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def violation(self) -> bool:
+        """True when the 95% lower bound exceeds the claimed ε: the implementation leaks more."""
+        return self.epsilon_lower > self.epsilon_claimed
+
+    def reanalyse(
+        self, *, delta: float | None = None, attacks: tuple[str, ...] | None = None
+    ) -> AuditResult:
+        """The same trials analysed at another δ and/or with a subset of the attacks (the claim,
+        the selection of the test and the bound are all redone on the same two halves)."""
+        data = self._data
+        if attacks is not None:
+            unknown = set(attacks) - set(data.stats0)
+            if unknown or not attacks:
+                raise ValueError(f"unknown attacks {sorted(unknown)}; have {sorted(data.stats0)}")
+            data = dataclasses.replace(
+                data,
+                stats0={a: data.stats0[a] for a in attacks},
+                stats1={a: data.stats1[a] for a in attacks},
+            )
+        return _analyse(data, self.delta if delta is None else delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_data"}
+        out["violation"] = self.violation
+        return out
+
+    def summary(self) -> str:
+        tight = "" if self.epsilon_tight is None else f", tight (Gaussian) {self.epsilon_tight:.3f}"
+        return (
+            f"K={self.num_directions} σ={self.noise_multiplier:g} q={self.sample_rate:g} "
+            f"T={self.steps} δ={self.delta:g}: ε_lower={self.epsilon_lower:.3f} "
+            f"(attack {self.attack}, FPR={self.false_positive_rate:.4f}, "
+            f"FNR={self.false_negative_rate:.4f}, {self.evaluation_trials} evaluation trials per "
+            f"dataset), ε_claimed={self.epsilon_claimed:.3f}{tight}; μ_lower={self.mu_lower:.3f}"
+            f" → ε_gdp={self.epsilon_lower_gdp:.3f}; shift={self.shift:.3f}c, "
+            f"noise std={self.noise_std:.3f}c{'  VIOLATION' if self.violation else ''}"
+        )
+
+
+# ---------------------------------------------------------------------------- statistics helpers
+def clopper_pearson(
+    successes: np.ndarray | int, trials: int, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Clopper-Pearson interval(s) for a binomial proportion (vectorised)."""
+    k = np.asarray(successes, dtype=float)
+    n = float(trials)
+    alpha = 1.0 - confidence
+    with np.errstate(all="ignore"):
+        lower = np.where(k > 0, stats.beta.ppf(alpha / 2, k, n - k + 1), 0.0)
+        upper = np.where(k < n, stats.beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
+    return np.nan_to_num(lower, nan=0.0), np.nan_to_num(upper, nan=1.0)
+
+
+def epsilon_from_rates(
+    fpr: np.ndarray | float, fnr: np.ndarray | float, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two (ε, δ) lower bounds of one test: log((1−δ−FNR)/FPR) and log((1−δ−FPR)/FNR)."""
+    fpr = np.asarray(fpr, dtype=float)
+    fnr = np.asarray(fnr, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        first = np.log(np.maximum(1.0 - delta - fnr, 0.0)) - np.log(fpr)
+        second = np.log(np.maximum(1.0 - delta - fpr, 0.0)) - np.log(fnr)
+    return np.nan_to_num(first, nan=-np.inf), np.nan_to_num(second, nan=-np.inf)
+
+
+def gaussian_delta(mu: float, epsilon: float) -> float:
+    """Exact δ(ε) of the Gaussian mechanism with sensitivity/σ = μ (Balle and Wang 2018)."""
+    if mu <= 0:
+        return 0.0
+    a = -epsilon / mu + mu / 2
+    b = -epsilon / mu - mu / 2
+    return float(special.ndtr(a) - math.exp(epsilon + special.log_ndtr(b)))
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Smallest ε ≥ 0 with :func:`gaussian_delta` (μ, ε) ≤ δ: the tight ε of μ-GDP at δ."""
+    if not (mu > 0) or not math.isfinite(mu):
+        return 0.0 if not (mu > 0) else math.inf
+    if gaussian_delta(mu, 0.0) <= delta:
+        return 0.0
+    hi = 1.0
+    while gaussian_delta(mu, hi) > delta:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    return float(optimize.brentq(lambda e: gaussian_delta(mu, e) - delta, 0.0, hi, xtol=1e-12))
+
+
+def _mu_from_rates(fpr: np.ndarray, fnr: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -special.ndtri(np.asarray(fpr, float)) - special.ndtri(np.asarray(fnr, float))
+
+
+# ---------------------------------------------------------------------------- selection/evaluation
+@dataclasses.dataclass(frozen=True)
+class _Test:
+    attack: str
+    sign: float
+    threshold: float
+    form: int  # 0: log((1−δ−FNR)/FPR), 1: log((1−δ−FPR)/FNR), 2: GDP μ
+
+
+def _counts(s0: np.ndarray, s1: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+    """False positives (D0 with s > τ) and false negatives (D1 with s ≤ τ) per threshold."""
+    s0, s1 = np.sort(s0), np.sort(s1)
+    fp = s0.size - np.searchsorted(s0, thresholds, side="right")
+    fn = np.searchsorted(s1, thresholds, side="right")
+    return fp, fn
+
+
+def _select(
+    stats0: Mapping[str, np.ndarray],
+    stats1: Mapping[str, np.ndarray],
+    delta: float,
+    confidence: float,
+    gdp: bool,
+) -> _Test | None:
+    best: tuple[float, _Test] | None = None
+    for name in stats0:
+        for sign in (1.0, -1.0):
+            s0, s1 = sign * stats0[name], sign * stats1[name]
+            thresholds = np.unique(np.concatenate([s0, s1, [-np.inf]]))
+            fp, fn = _counts(s0, s1, thresholds)
+            _, fp_up = clopper_pearson(fp, s0.size, confidence)
+            _, fn_up = clopper_pearson(fn, s1.size, confidence)
+            if gdp:
+                values = [_mu_from_rates(fp_up, fn_up)]
+            else:
+                values = list(epsilon_from_rates(fp_up, fn_up, delta))
+            for form, value in enumerate(values):
+                i = int(np.argmax(value))
+                if best is None or value[i] > best[0]:
+                    best = (
+                        float(value[i]),
+                        _Test(name, sign, float(thresholds[i]), 2 if gdp else form),
+                    )
+    return None if best is None else best[1]
+
+
+def _evaluate(
+    test: _Test, stats0: Mapping[str, np.ndarray], stats1: Mapping[str, np.ndarray], delta, conf
+) -> dict[str, Any]:
+    s0, s1 = test.sign * stats0[test.attack], test.sign * stats1[test.attack]
+    fp, fn = _counts(s0, s1, np.array([test.threshold]))
+    fp_lo, fp_up = clopper_pearson(fp, s0.size, conf)
+    fn_lo, fn_up = clopper_pearson(fn, s1.size, conf)
+    if test.form == 2:
+        value = float(_mu_from_rates(fp_up, fn_up)[0])
+    else:
+        value = float(epsilon_from_rates(fp_up, fn_up, delta)[test.form][0])
+    return {
+        "value": max(value, 0.0),
+        "fpr": float(fp[0] / s0.size),
+        "fnr": float(fn[0] / s1.size),
+        "fpr_interval": (float(fp_lo[0]), float(fp_up[0])),
+        "fnr_interval": (float(fn_lo[0]), float(fn_up[0])),
+    }
+
+
+# ---------------------------------------------------------------------------- the game
+class _Game:
+    """The canary setup shared by all trials: public directions, closures, the dry run."""
+
+    def __init__(self, *, k, sigma, q, steps, c, background, lr, public_seed, cls, kwargs):
+        self.k, self.sigma, self.q, self.steps, self.c = k, sigma, q, steps, c
+        self.background, self.lr, self.public_seed = background, lr, public_seed
+        self.cls, self.kwargs = cls, dict(kwargs)
+        self.dim = k + 1
+        self.scale = _CANARY_SCALE * c * k
+        self.b = q * (background + 1)
+        self.u, self.pinv = [], []
+        for t in range(steps):
+            z = torch.stack(
+                [
+                    direction_tensor(
+                        (self.dim,),
+                        seed=public_seed,
+                        step=t,
+                        k=j,
+                        index=0,
+                        dtype=torch.float64,
+                        kind=self.kwargs.get("directions", "gaussian"),
+                    )
+                    for j in range(k)
+                ],
+                dim=1,
+            )  # [d, K]
+            w = z[0].clone()
+            self.u.append(w / torch.linalg.vector_norm(w))
+            self.pinv.append(torch.linalg.pinv(z))
+        self.canary_sum = self._dry_run()
+
+    def optimizer(self, theta: torch.Tensor, sigma: float) -> DPAggZO:
+        return self.cls(
+            [theta],
+            self.lr,
+            num_directions=self.k,
+            clip_norm=self.c,
+            noise_multiplier=sigma,
+            expected_batch_size=self.b,
+            seed=self.public_seed,
+            **self.kwargs,
+        )
+
+    def closure(self, theta: torch.Tensor, batch: list[int], canary: int | None):
+        mask = torch.tensor([i == canary for i in batch], dtype=torch.bool)
+        zero = torch.zeros((), dtype=torch.float64)
+        scale = self.scale
+
+        def closure() -> torch.Tensor:
+            return torch.where(mask, scale * theta[0], zero)
+
+        return closure
+
+    def _dry_run(self) -> torch.Tensor:
+        """x₁: the canary's clipped K-vector exactly as the class computes it (no noise)."""
+        theta = torch.nn.Parameter(torch.zeros(self.dim, dtype=torch.float64))
+        opt = self.optimizer(theta, 0.0)
+        return opt.step(self.closure(theta, [0], 0)).noisy_sum.detach().clone()
+
+    def run(self, with_canary: bool, sampler: PoissonBatchSampler) -> tuple[np.ndarray, ...]:
+        """One trial: releases and update-derived releases, each [steps, K]."""
+        theta = torch.nn.Parameter(torch.zeros(self.dim, dtype=torch.float64))
+        opt = self.optimizer(theta, self.sigma)
+        canary = self.background if with_canary else None
+        releases = np.empty((self.steps, self.k))
+        from_update = np.empty((self.steps, self.k))
+        for t in range(self.steps):
+            before = theta.detach().clone()
+            stats_t = opt.step(self.closure(theta, sampler.sample_batch(), canary))
+            releases[t] = stats_t.noisy_sum.detach().double().cpu().numpy()
+            moved = theta.detach() - before
+            from_update[t] = (-(self.b / self.lr) * (self.pinv[t] @ moved)).numpy()
+        return releases, from_update
+
+
+def _unreachable(observed: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """True where no float v near ``observed − x`` gives fl(x + v) == observed."""
+    v0 = observed - x
+    reachable = np.zeros(observed.shape, dtype=bool)
+    for v in (v0, np.nextafter(v0, np.inf), np.nextafter(v0, -np.inf)):
+        reachable |= (x + v) == observed
+    return ~reachable
+
+
+def _statistics(game: _Game, releases: np.ndarray, updates: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-trial statistics; ``releases``/``updates`` are [trials, steps, K]."""
+    u = np.stack([ut.numpy() for ut in game.u])  # [steps, K]
+    out: dict[str, np.ndarray] = {}
+    for channel, values in (("release", releases), ("update", updates)):
+        y = np.einsum("nsk,sk->ns", values, u) / game.c
+        if game.q >= 1.0:
+            out[f"{channel}:likelihood"] = y.sum(axis=1)
+        else:
+            llr = np.logaddexp(math.log1p(-game.q), math.log(game.q) + (y - 0.5) / game.sigma**2)
+            out[f"{channel}:likelihood"] = llr.sum(axis=1)
+        out[f"{channel}:norm"] = np.linalg.norm(values, axis=2).sum(axis=1) / game.c
+    x1 = game.canary_sum.numpy()
+    out["release:float"] = _unreachable(releases[:, 0, :], x1[None, :]).sum(axis=1).astype(float)
+    scaled = releases / noise_grid(game.sigma * game.c)  # exact: the grid is a power of two
+    out["release:grid"] = (scaled == np.round(scaled)).sum(axis=(1, 2)).astype(float)
+    return out
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_audit(
+    *,
+    num_directions: int,
+    noise_multiplier: float,
+    trials: int,
+    delta: float,
+    sample_rate: float = 1.0,
+    steps: int = 1,
+    clip_norm: float = 1.0,
+    seed: int | None = None,
+    background_records: int = 0,
+    optimizer_cls: type[DPAggZO] = DPAggZO,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    attacks: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit ``optimizer_cls`` (default: :class:`~zoprivacy.optimizer.DPAggZO`) with a canary.
+
+    Runs ``trials`` independent trainings of ``steps`` steps on each of the neighbouring datasets
+    D0 and D1 = D0 + canary (see the module docstring), with noise from OS entropy, and returns
+    a 95%-confidence lower bound on ε from the best attack (chosen on half of the trials,
+    evaluated on the other half), next to the accountant's ε for the same σ, q, steps and δ (no
+    size release).
+
+    Args:
+        num_directions: K.
+        noise_multiplier: σ (> 0).
+        trials: runs per dataset (≥ 20); half select the test, half evaluate it.
+        delta: δ of the claimed and the audited guarantee.
+        sample_rate: q; the canary is in each step's Poisson batch with probability q.
+        steps: steps per run (T).
+        clip_norm: c.
+        seed: public direction seed and seed of the batch sampling (reproducible batches); None:
+            both from OS entropy. The privacy noise always comes from OS entropy.
+        background_records: records in D0 (each contributes Δ = 0; they matter only for |B|).
+        optimizer_cls: the optimizer class to audit (a subclass with a planted fault, in tests).
+        optimizer_kwargs: extra keyword arguments for ``optimizer_cls``.
+        attacks: names of the statistics to use (default: all, see the module docstring).
+        confidence: confidence of the intervals and of the bound (default 0.95).
+    """
+    k = _int("num_directions", num_directions, 1)
+    t_steps = _int("steps", steps, 1)
+    n_trials = _int("trials", trials, 20)
+    background = _int("background_records", background_records, 0)
+    sigma = _real("noise_multiplier", noise_multiplier)
+    c = _real("clip_norm", clip_norm)
+    q = _real("sample_rate", sample_rate)
+    if q > 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {q}")
+    delta = _real("delta", delta)
+    if delta >= 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+
+    start = time.perf_counter()
+    public_seed = draw_public_seed() if seed is None else _int("seed", seed, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotPrivateWarning (dry run), seeded sampling
+        game = _Game(
+            k=k,
+            sigma=sigma,
+            q=q,
+            steps=t_steps,
+            c=c,
+            background=background,
+            lr=1.0,
+            public_seed=public_seed,
+            cls=optimizer_cls,
+            kwargs=optimizer_kwargs or {},
+        )
+        rng = None if seed is None else np.random.default_rng([public_seed, 1])
+        samplers = [
+            PoissonBatchSampler(background + extra, q, steps=t_steps, generator=rng)
+            if background + extra > 0
+            else None
+            for extra in (0, 1)
+        ]
+        shape = (n_trials, t_steps, k)
+        rel = [np.empty(shape), np.empty(shape)]
+        upd = [np.empty(shape), np.empty(shape)]
+        for i in range(n_trials):
+            for d in (0, 1):
+                sampler = samplers[d] or _EmptySampler()
+                rel[d][i], upd[d][i] = game.run(d == 1, sampler)
+
+    stats0 = _statistics(game, rel[0], upd[0])
+    stats1 = _statistics(game, rel[1], upd[1])
+    if attacks is not None:
+        unknown = set(attacks) - set(stats0)
+        if unknown or not attacks:
+            raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {sorted(stats0)}")
+        stats0 = {a: stats0[a] for a in attacks}
+        stats1 = {a: stats1[a] for a in attacks}
+    u = np.stack([ut.numpy() for ut in game.u])
+    data = _TrialData(
+        num_directions=k,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=t_steps,
+        clip_norm=c,
+        trials=n_trials,
+        stats0=stats0,
+        stats1=stats1,
+        y0=np.einsum("nsk,sk->ns", rel[0], u) / c,
+        y1=np.einsum("nsk,sk->ns", rel[1], u) / c,
+        confidence=confidence,
+        seconds=time.perf_counter() - start,
+    )
+    return _analyse(data, delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrialData:
+    """What the trials produced; enough to redo the analysis at another δ."""
+
+    num_directions: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    trials: int
+    stats0: dict[str, np.ndarray]
+    stats1: dict[str, np.ndarray]
+    y0: np.ndarray
+    y1: np.ndarray
+    confidence: float
+    seconds: float
+
+
+def _analyse(data: _TrialData, delta: float) -> AuditResult:
+    delta = _real("delta", delta)
+    if delta >= 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    conf = data.confidence
+    half = data.trials // 2
+    sel0 = {a: s[:half] for a, s in data.stats0.items()}
+    sel1 = {a: s[:half] for a, s in data.stats1.items()}
+    ev0 = {a: s[half:] for a, s in data.stats0.items()}
+    ev1 = {a: s[half:] for a, s in data.stats1.items()}
+
+    test = _select(sel0, sel1, delta, conf, gdp=False)
+    main = _evaluate(test, ev0, ev1, delta, conf)
+    gdp_test = _select(sel0, sel1, delta, conf, gdp=True)
+    mu_lower = _evaluate(gdp_test, ev0, ev1, delta, conf)["value"]
+    by_attack = {}
+    for name in data.stats0:
+        one = _select({name: sel0[name]}, {name: sel1[name]}, delta, conf, gdp=False)
+        by_attack[name] = _evaluate(one, {name: ev0[name]}, {name: ev1[name]}, delta, conf)["value"]
+    sigma, q, t_steps = data.noise_multiplier, data.sample_rate, data.steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        claimed = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=t_steps, delta=delta)
+    mu_claimed = math.sqrt(t_steps) / sigma if q >= 1.0 else None
+    y0, y1 = data.y0, data.y1
+    return AuditResult(
+        num_directions=data.num_directions,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=t_steps,
+        clip_norm=data.clip_norm,
+        delta=delta,
+        trials=data.trials,
+        selection_trials=half,
+        evaluation_trials=data.trials - half,
+        epsilon_lower=main["value"],
+        epsilon_claimed=float(claimed),
+        epsilon_tight=None if mu_claimed is None else gaussian_epsilon(mu_claimed, delta),
+        mu_claimed=mu_claimed,
+        mu_lower=mu_lower,
+        epsilon_lower_gdp=gaussian_epsilon(mu_lower, delta),
+        attack=test.attack if test.sign > 0 else f"-{test.attack}",
+        threshold=test.sign * test.threshold,
+        false_positive_rate=main["fpr"],
+        false_negative_rate=main["fnr"],
+        fpr_interval=main["fpr_interval"],
+        fnr_interval=main["fnr_interval"],
+        by_attack=by_attack,
+        shift=float(y1.mean() - y0.mean()),
+        shift_stderr=float(math.sqrt(y0.var() / y0.size + y1.var() / y1.size)),
+        noise_std=float(y0.std()),
+        confidence=conf,
+        seconds=data.seconds,
+        _data=data,
+    )
+
+
+class _EmptySampler:
+    """D0 with no record at all: every batch is empty."""
+
+    def sample_batch(self) -> list[int]:
+        return []
+
+
+def _int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return v
