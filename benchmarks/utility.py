@@ -551,6 +551,35 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The selected cells as a markdown table (mean ± std of the test accuracy over seeds)."""
+    lines = [
+        "| task | method | K | ε | T | comparison | lr (val.) | seeds | test acc. | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
+    summary = sorted(
+        summarize(rows),
+        key=lambda s: (
+            s["task"],
+            s["comparison"] == "accuracy_vs_k",
+            -1 if s["epsilon"] is None else s["epsilon"],
+            order[s["method"]],
+            -(s["K"] or 0),
+            s["steps"],
+        ),
+    )
+    for s in summary:
+        eps = "–" if s["epsilon"] is None else f"{s['epsilon']:g}"
+        lines.append(
+            f"| {s['task']} | {s['method']} | {s['K'] if s['K'] is not None else '–'} | {eps} "
+            f"| {s['steps']} | {s['comparison']} | {s['lr'] if s['lr'] is not None else '–'} "
+            f"| {len(s['seeds'])} | {s['test_accuracy_mean']:.3f} ± {s['test_accuracy_std']:.3f} "
+            f"| {s['wall_seconds_mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -644,7 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figure5-lr", type=float, default=None)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/zoprivacy-utility-cache"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--table", action="store_true", help="print the markdown summary of --out and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(_load(args.out / "utility.json")))
+        return 0
     torch.set_num_threads(1)
 
     tasks = [t for t in args.tasks.split(",") if t]
