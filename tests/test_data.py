@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from torch.utils.data import TensorDataset
 
 from zoprivacy import data
@@ -300,21 +299,6 @@ def test_loader_requires_map_style_dataset():
 # --------------------------------------------------------------------------------------------
 # the private size release
 # --------------------------------------------------------------------------------------------
-
-
-def test_release_size_distribution_from_os_entropy():
-    n, psi, draws = 10_000, 20.0, 20_000
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default path must not warn
-        values = np.array([release_size(n, psi) for _ in range(draws)])
-    noise = values - n
-    # Mean of Lap(psi) has sd psi*sqrt(2/draws) = 0.2; |Lap(psi)| has mean psi and sd psi, so
-    # its sample mean has sd psi/sqrt(draws) = 0.14. Tolerances are 5 sd (false alarm < 1e-6).
-    assert abs(noise.mean()) < 5 * psi * math.sqrt(2 / draws)
-    assert abs(np.abs(noise).mean() - psi) < 5 * psi / math.sqrt(draws)
-    # and the shape is Laplace (Kolmogorov-Smirnov)
-    assert stats.kstest(noise, stats.laplace(scale=psi).cdf).pvalue > 1e-6
-    assert len(np.unique(values)) == draws  # continuous, not a fixed stream
 
 
 def test_release_size_is_clamped_at_one():

@@ -12,6 +12,8 @@ import numbers
 
 import numpy as np
 
+from zoprivacy.accounting.orders import MAX_ORDER
+
 
 def _as_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -95,4 +97,9 @@ def orders(value: object, name: str = "orders") -> np.ndarray:
         raise ValueError(f"{name} must be finite; got {arr[~np.isfinite(arr)][:3].tolist()}")
     if np.any(arr <= 1.0):
         raise ValueError(f"{name} must all be > 1; got {arr[arr <= 1.0][:3].tolist()}")
+    if np.any(arr > MAX_ORDER):
+        raise ValueError(
+            f"{name} must all be <= {MAX_ORDER:g} (2^20; larger orders only matter for ε below "
+            f"~1e-5 and cost memory linear in the order); got {arr[arr > MAX_ORDER][:3].tolist()}"
+        )
     return arr

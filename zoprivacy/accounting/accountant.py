@@ -102,6 +102,8 @@ class RDPAccountant:
     def _steps_allowed(self, per_step: np.ndarray) -> int:
         """Largest m such that m more identical steps stay within the budget (bisection)."""
         eps_budget, delta = self.budget  # type: ignore[misc]
+        if not np.all(np.isfinite(per_step)):
+            return 0  # a step with infinite RDP (e.g. no noise) never fits
 
         def fits(m: int) -> bool:
             rdp = self._rdp + m * per_step

@@ -19,7 +19,11 @@ from zoprivacy.accounting import _validate
 #: Truncation target of the fractional-order series, relative to A_α (A_α >= 1).
 _FRAC_SERIES_RTOL = 1e-15
 #: Give up (and report +inf) once the fractional series needs more terms than this.
-_FRAC_SERIES_MAX_TERMS = 1 << 21
+_FRAC_SERIES_MAX_TERMS = 1 << 17
+#: Below this noise multiplier every order's RDP exceeds ~1e7 (e^{1/σ²} terms): report +inf.
+_SIGMA_FLOOR = 1e-4
+#: σ-free weights are cached only for arrays up to this length (bounded memory, ~100 MB at most).
+_CACHE_MAX_TERMS = 1 << 13
 
 
 def _logsumexp(log_terms: np.ndarray, signs: np.ndarray | None = None) -> tuple[float, float]:
@@ -55,8 +59,7 @@ def _readonly(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return arrays
 
 
-@functools.lru_cache(maxsize=4096)
-def _integer_weights(q: float, alpha: int) -> tuple[np.ndarray, np.ndarray]:
+def _integer_weights_uncached(q: float, alpha: int) -> tuple[np.ndarray, np.ndarray]:
     """h = 2..α and log[C(α,h) (1−q)^{α−h} q^h]: the σ-free part of Lemma 6, cached because a
     calibration evaluates the same orders at many σ."""
     h = np.arange(2, alpha + 1, dtype=float)
@@ -64,8 +67,7 @@ def _integer_weights(q: float, alpha: int) -> tuple[np.ndarray, np.ndarray]:
     return _readonly(h, log_binom + (alpha - h) * math.log1p(-q) + h * math.log(q))
 
 
-@functools.lru_cache(maxsize=512)
-def _fractional_weights(q: float, alpha: float, n_terms: int) -> tuple[np.ndarray, ...]:
+def _fractional_weights_uncached(q: float, alpha: float, n_terms: int) -> tuple[np.ndarray, ...]:
     """σ-free parts of the first ``n_terms`` terms of the fractional series (cached)."""
     i = np.arange(n_terms, dtype=float)
     j = alpha - i
@@ -82,6 +84,26 @@ def _fractional_weights(q: float, alpha: float, n_terms: int) -> tuple[np.ndarra
     return _readonly(i, j, sign, log_w0, log_w1)
 
 
+_integer_weights_cached = functools.lru_cache(maxsize=1024)(_integer_weights_uncached)
+_fractional_weights_cached = functools.lru_cache(maxsize=512)(_fractional_weights_uncached)
+
+
+def _integer_weights(q: float, alpha: int) -> tuple[np.ndarray, np.ndarray]:
+    if alpha <= _CACHE_MAX_TERMS:
+        return _integer_weights_cached(q, alpha)
+    return _integer_weights_uncached(q, alpha)
+
+
+def _fractional_weights(q: float, alpha: float, n_terms: int) -> tuple[np.ndarray, ...]:
+    if n_terms <= _CACHE_MAX_TERMS:
+        return _fractional_weights_cached(q, alpha, n_terms)
+    return _fractional_weights_uncached(q, alpha, n_terms)
+
+
+_integer_weights.cache_clear = _integer_weights_cached.cache_clear  # type: ignore[attr-defined]
+_fractional_weights.cache_clear = _fractional_weights_cached.cache_clear  # type: ignore[attr-defined]
+
+
 def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     """log A_α for integer α >= 2 by the binomial sum of Lemma 6, written with positive terms only.
 
@@ -92,7 +114,7 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     stays accurate to ~1e-13 relative (DESIGN.md, numerics).
     """
     h, log_weights = _integer_weights(q, alpha)
-    log_terms = log_weights + _log_expm1(h * (h - 1.0) / (2.0 * sigma**2))
+    log_terms = log_weights + _log_expm1(h * (h - 1.0) / (2.0 * (sigma * sigma)))
     return float(np.logaddexp(0.0, _logsumexp(log_terms)[0]))
 
 
@@ -107,14 +129,17 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     is extended until that bound is below ``_FRAC_SERIES_RTOL``·A_α. If it never gets there the
     order cannot be computed and +inf is returned.
     """
-    z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5 if q < 1.0 else -math.inf
+    odds = 1.0 / q - 1.0
+    z0 = (sigma * sigma) * (math.log(odds) if odds > 0.0 else -math.inf) + 0.5
+    if not (math.isfinite(z0) or z0 == -math.inf) or z0 > _FRAC_SERIES_MAX_TERMS:
+        return math.inf  # σ so large that the series is out of reach: an upper bound
     # Start at a power of two so that nearby σ share the cached σ-free weights.
     n_terms = 1 << max(7, math.ceil(math.log2(max(alpha, z0, 0.0) + 64)))
     is_integer = float(alpha).is_integer()
     while n_terms <= _FRAC_SERIES_MAX_TERMS:
         i, j, sign, log_w0, log_w1 = _fractional_weights(q, alpha, n_terms)
-        log_s0 = log_w0 + (i * i - i) / (2.0 * sigma**2) + log_ndtr((z0 - i) / sigma)
-        log_s1 = log_w1 + (j * j - j) / (2.0 * sigma**2) + log_ndtr((j - z0) / sigma)
+        log_s0 = log_w0 + (i * i - i) / (2.0 * (sigma * sigma)) + log_ndtr((z0 - i) / sigma)
+        log_s1 = log_w1 + (j * j - j) / (2.0 * (sigma * sigma)) + log_ndtr((j - z0) / sigma)
         log_pair = np.logaddexp(log_s0, log_s1)  # both parts share the sign of C(α, i)
         log_total, total_sign = _logsumexp(log_pair, sign)
         if not (total_sign > 0 and np.isfinite(log_total)):
@@ -139,7 +164,9 @@ def rdp_subsampled_gaussian(
     Implements the second term of the paper's Lemma 5 for one step (Lemma 6 with
     ε(h) = h/(2σ²), sensitivity 1 relative to the noise σ): integer orders by the binomial sum,
     fractional orders by the Mironov–Talwar–Zhang series. ``sample_rate = 1`` gives α/(2σ²)
-    exactly; ``noise_multiplier = 0`` gives +inf at every order.
+    exactly; ``noise_multiplier`` below 1e-4 (0 included) gives +inf at every order (the true
+    values exceed ~1e7 there). For very large σ the fractional series is out of reach and those
+    orders are +inf; the integer orders then carry the guarantee.
 
     Args:
         sample_rate: Poisson sampling probability q in (0, 1].
@@ -152,10 +179,10 @@ def rdp_subsampled_gaussian(
     q = _validate.sample_rate(sample_rate)
     sigma = _validate.noise_multiplier(noise_multiplier)
     alphas = _validate.orders(orders)
-    if sigma == 0.0:
+    if sigma < _SIGMA_FLOOR:  # includes σ = 0; the true values exceed ~1e7 at every order
         return np.full(alphas.shape, math.inf)
     if q == 1.0:
-        return alphas / (2.0 * sigma**2)
+        return alphas / (2.0 * (sigma * sigma))
     out = np.empty_like(alphas)
     for idx, alpha in enumerate(alphas):
         if alpha.is_integer():
@@ -194,6 +221,11 @@ def rdp_laplace(laplace_scale: float, orders: Sequence[float] | np.ndarray) -> n
     psi = _validate.laplace_scale(laplace_scale)
     alphas = _validate.orders(orders)
     a = 1.0 / psi
+    with np.errstate(over="ignore"):  # huge 1/ψ: the value saturates at 1/ψ below
+        return _laplace_curve(a, alphas)
+
+
+def _laplace_curve(a: float, alphas: np.ndarray) -> np.ndarray:
     am1 = alphas - 1.0
     denom = 2.0 * alphas - 1.0
     small = am1 * a <= 1.0
