@@ -418,3 +418,20 @@ def test_options_are_validated_and_saved():
         "forward",
         "inplace",
     )
+
+
+# ---------------------------------------------------------------- benchmark scripts
+def test_benchmark_scripts_run_quick(tmp_path):
+    import json
+
+    from benchmarks import drift, step_time_paths
+
+    drift.main(["--quick", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "drift_quick.json").read_text())["rows"]
+    assert {r["path"] for r in rows if r["max_ulps"] == 0} >= {"hooks", "hooks_forward"}
+    assert all(r["max_ulps"] > 0 for r in rows if r["path"] == "inplace")
+    step_time_paths.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "step_time_paths_quick.json").read_text())
+    row = next(iter(payload["paths"].values()))["rows"][0]
+    assert row["paths"]["hooks"]["perturbation_path"] == "hooks"
+    assert (tmp_path / "step_time_paths_quick.png").exists()
