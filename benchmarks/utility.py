@@ -46,14 +46,15 @@ import torch
 
 from benchmarks._common import RESULTS, machine
 
-#: The learning-rate grid of each method (at most two values: the CPU budget). The ZO clip norm
+#: The learning-rate grid of each method (three values; a first pass ran the first two and the
+#: third was added on the side where the first pass selected its edge value). The ZO clip norm
 #: is β/√K with β = 0.8 and DP-AdamW clips per-sample gradients at 1.0 (the job's defaults).
 GRID: dict[str, list[float]] = {
-    "dpaggzo": [1.0, 3.0],
-    "dpzo": [1.0, 3.0],
-    "mezo": [0.3, 1.0],
-    "dpadamw": [0.01, 0.05],
-    "adamw": [0.01, 0.05],
+    "dpaggzo": [1.0, 3.0, 0.3],
+    "dpzo": [1.0, 3.0, 10.0],
+    "mezo": [0.3, 1.0, 3.0],
+    "dpadamw": [0.01, 0.05, 0.2],
+    "adamw": [0.01, 0.05, 0.002],
     "zeroshot": [0.0],
 }
 CLIP_BETA = 0.8  # ZO: c = β/√K
@@ -446,8 +447,12 @@ def run_cells(
             )
         best_lr = max(values, key=lambda v: (lr_of_run[v]["validation_accuracy"], -values.index(v)))
         for r in rows:
-            if _matches(r, cell) and r["seed"] == GRID_SEED:
-                r["selected"] = r["lr"] == best_lr if r["lr"] is not None else True
+            if _matches(r, cell):
+                r["grid"] = {"lr": list(values)} if cell["method"] != "zeroshot" else {}
+                if r["seed"] == GRID_SEED:
+                    r["selected"] = r["lr"] == best_lr if r["lr"] is not None else True
+                elif r["lr"] != best_lr:
+                    r["selected"] = False  # another seed of a value the grid no longer selects
         for seed in seeds:
             if seed == GRID_SEED:
                 continue
@@ -664,6 +669,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=16000,
         help="cap on DPZO's steps at DP-AggZO K=64's forward-pass budget (64 T); 0: no run",
     )
+    parser.add_argument(
+        "--comparisons",
+        default="",
+        help="only these cells: untrained,equal_steps,equal_forward_passes (default all)",
+    )
     parser.add_argument("--grid", default="", help="override: METHOD=lr1,lr2;METHOD=...")
     parser.add_argument(
         "--figure5",
@@ -745,6 +755,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             cell_list = cells(tasks, methods, epsilons, args.steps, args.dpzo_cap, ks)
+            if args.comparisons:
+                wanted = set(args.comparisons.split(","))
+                cell_list = [c for c in cell_list if c["comparison"] in wanted]
             rows = run_cells(
                 cell_list,
                 seeds,
