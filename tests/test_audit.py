@@ -149,7 +149,15 @@ def test_bad_arguments_are_refused(kwargs, error):
 
 
 # ---------------------------------------------------------------------------- planted faults
-class _ScaledNoise:
+class _FakeNoiseBase:
+    """Test-only noise sources: the optimizer releases through ``add_noise``; these add the
+    (possibly faulty) ``sample`` to the float sum, which is what the planted faults need."""
+
+    def add_noise(self, values, std, *, sensitivity=None):
+        return values.to(torch.float64) + self.sample(values.numel(), std)
+
+
+class _ScaledNoise(_FakeNoiseBase):
     """OS-entropy noise with the std multiplied by factor(K): the 'noise / K' family of bugs."""
 
     reproducible = False
@@ -199,7 +207,7 @@ class NormaliseByBatch(DPAggZO):
         super()._update(entries, step, scratch, gens, coefs * scale)
 
 
-class _DirectionSeededNoise:
+class _DirectionSeededNoise(_FakeNoiseBase):
     """Noise from a generator seeded with the public direction seed (and the step)."""
 
     reproducible = False
@@ -305,7 +313,7 @@ def test_clipping_before_the_mean_is_not_a_leak_but_the_shift_shows_it():
 
 
 # ---------------------------------------------------------------------------- floating point
-class _GridNoise:
+class _GridNoise(_FakeNoiseBase):
     """Discrete Gaussian on the grid, without dither (what add_noise adds)."""
 
     reproducible = False
@@ -368,12 +376,6 @@ def test_exact_grid_release_resists_the_float_attack():
     assert max(result.by_attack.values()) < result.epsilon_claimed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: DPAggZO adds float noise to the unrounded float sum (noisy_sum + v), so "
-    "some outputs are impossible unless the canary is absent; fixed once the optimizer releases "
-    "through NoiseSource.add_noise (docs/threat_model.md). Remove this marker then.",
-)
 def test_dpaggzo_release_resists_the_float_attack():
     result = _float_audit(DPAggZO)
     assert not result.violation, result.summary()

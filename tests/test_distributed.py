@@ -97,13 +97,13 @@ def _run_steps(
         warnings.simplefilter("ignore")
         opt = DPAggZO(model.parameters(), process_group=process_group, **config)
     draws = [0]
-    sample = opt._noise.sample
+    add_noise = opt._noise.add_noise  # the optimizer releases S through NoiseSource.add_noise
 
-    def counted(k: int, std: float) -> torch.Tensor:
+    def counted(values: torch.Tensor, std: float, **kwargs: Any) -> torch.Tensor:
         draws[0] += 1
-        return sample(k, std)
+        return add_noise(values, std, **kwargs)
 
-    opt._noise.sample = counted
+    opt._noise.add_noise = counted
     rank, world = (0, 1) if process_group is None else (dist.get_rank(), dist.get_world_size())
     stats = []
     for batch in batches:

@@ -153,7 +153,11 @@ def test_update_does_not_depend_on_actual_batch_size(sigma):
 
 def test_empty_batch_releases_pure_noise_and_updates(monkeypatch):
     injected = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
-    monkeypatch.setattr(zoprivacy.noise, "sample_noise", lambda k, std, g: injected * std)
+    monkeypatch.setattr(
+        zoprivacy.noise.NoiseSource,
+        "add_noise",
+        lambda self, values, std, sensitivity=None: values.to(torch.float64) + injected * std,
+    )
     theta0 = torch.linspace(-1, 1, D, dtype=torch.float64)
     theta = torch.nn.Parameter(theta0.clone())
     lr, b, c, sigma, seed = 0.1, 4.0, 0.5, 2.0, 7

@@ -279,7 +279,11 @@ def test_rademacher_update_uses_the_public_directions():
 def test_forward_differences_match_direct_reimplementation(monkeypatch):
     import zoprivacy.noise
 
-    monkeypatch.setattr(zoprivacy.noise, "sample_noise", lambda k, std, g: torch.zeros(k))
+    monkeypatch.setattr(
+        zoprivacy.noise.NoiseSource,
+        "add_noise",
+        lambda self, values, std, sensitivity=None: values.to(torch.float64),
+    )
     x, y = _data()
     model = torch.nn.Linear(6, 3).double()
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
@@ -368,10 +372,15 @@ def _peak(fn):
 
 
 @pytest.mark.parametrize(
-    ("directions", "difference", "slack"),
-    [("gaussian", "central", 256 << 10), ("rademacher", "forward", 1 << 20)],
+    ("perturbation", "directions", "difference", "slack"),
+    [
+        ("auto", "gaussian", "central", 256 << 10),
+        ("auto", "rademacher", "forward", 1 << 20),
+        ("inplace", "gaussian", "central", 256 << 10),
+        ("inplace", "rademacher", "central", 1 << 20),
+    ],
 )
-def test_hooks_peak_memory_is_one_scratch_and_flat_in_k(directions, difference, slack):
+def test_peak_memory_is_one_scratch_and_flat_in_k(perturbation, directions, difference, slack):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)
@@ -385,13 +394,14 @@ def test_hooks_peak_memory_is_one_scratch_and_flat_in_k(directions, difference, 
             num_directions=k,
             directions=directions,
             difference=difference,
+            perturbation=perturbation,
             expected_batch_size=4,
             lr=1e-3,
         )
         closure = _losses(model, x, y)
         opt.step(closure)
         peaks[k] = _peak(lambda o=opt, c=closure: o.step(c))
-        assert opt.perturbation_path == "hooks"
+        assert opt.perturbation_path == ("hooks" if perturbation == "auto" else "inplace")
     assert largest <= peaks[1] <= largest + slack
     assert peaks[32] - peaks[1] <= 64 * 1024, peaks
 

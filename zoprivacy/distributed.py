@@ -255,9 +255,9 @@ class DataParallel:
         self,
         step: int,
         summed: torch.Tensor,
-        draw: Callable[[], torch.Tensor] | None,
+        draw: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> torch.Tensor:
-        """C3: rank 0 adds the noise ``draw()`` (if any) to ``summed`` and broadcasts the result.
+        """C3: rank 0 releases ``draw(summed)`` (the sum plus noise, if any) and broadcasts it.
 
         ``draw`` is called on rank 0 only, once. Every rank returns rank 0's S (float64, CPU), so
         every rank applies the bit-identical update.
@@ -267,7 +267,7 @@ class DataParallel:
         error: BaseException | None = None
         if self.is_root:
             try:
-                released = summed if draw is None else summed + draw()
+                released = summed if draw is None else draw(summed)
                 buf[:k] = released
             except BaseException as exc:  # tell the peers, then raise it here
                 error = exc

@@ -505,14 +505,19 @@ class DPAggZO(torch.optim.Optimizer):
                 self, step, agg, clipped, clip_fraction, max_err, loss_sum
             )
         noise_std = 0.0
-        draw = None
+        release = None
         if cfg.clip_norm is not None and cfg.noise_multiplier > 0:
             noise_std = cfg.noise_multiplier * cfg.clip_norm
-            draw = functools.partial(self._noise.sample, k, noise_std)
-        if self._dp is not None:  # rank 0 alone draws v and broadcasts S = Σ + v (line 15)
-            noisy_sum = self._dp.release(step, noisy_sum, draw)
-        elif draw is not None:
-            noisy_sum = noisy_sum + draw()  # line 15
+            # Line 15 as an exact release: the sum is snapped to the noise grid and integer
+            # discrete-Gaussian noise is added (noise.NoiseSource.add_noise), so the released
+            # floats carry nothing about the unrounded sum (float noise on a float sum leaks).
+            release = functools.partial(
+                self._noise.add_noise, std=noise_std, sensitivity=cfg.clip_norm
+            )
+        if self._dp is not None:  # rank 0 alone releases S and broadcasts it (line 15)
+            noisy_sum = self._dp.release(step, noisy_sum, release)
+        elif release is not None:
+            noisy_sum = release(noisy_sum)
 
         if self.is_mezo:
             normalizer = float(batch)
