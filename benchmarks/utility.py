@@ -562,18 +562,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| task | method | K | ε | T | comparison | lr (val.) | seeds | test acc. | s/run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {m: i for i, m in enumerate(ALL_METHODS)}
-    summary = sorted(
-        summarize(rows),
-        key=lambda s: (
-            s["task"],
-            s["comparison"] == "accuracy_vs_k",
-            -1 if s["epsilon"] is None else s["epsilon"],
-            order[s["method"]],
-            -(s["K"] or 0),
-            s["steps"],
-        ),
-    )
+    summary = sorted(summarize(rows), key=_order)
     for s in summary:
         eps = "–" if s["epsilon"] is None else f"{s['epsilon']:g}"
         lines.append(
@@ -583,6 +572,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {s['wall_seconds_mean']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _order(s: dict[str, Any]) -> tuple:
+    return (
+        s["task"],
+        s["comparison"] == "accuracy_vs_k",
+        -1 if s["epsilon"] is None else s["epsilon"],
+        ALL_METHODS.index(s["method"]),
+        -(s["K"] or 0),
+        s["steps"],
+    )
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
@@ -597,6 +597,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         items = [s for s in summary if s["task"] == task and s["comparison"] != "accuracy_vs_k"]
+        items = sorted(items, key=_order, reverse=True)  # barh draws bottom-up
         labels = [_label(s) for s in items]
         means = [s["test_accuracy_mean"] for s in items]
         stds = [s["test_accuracy_std"] for s in items]
