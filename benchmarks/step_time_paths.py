@@ -661,8 +661,11 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             colors.append("C5")
     if labels:
         ax.barh(labels, values, color=colors)
+        for y, v in enumerate(values):
+            ax.text(v * 1.05, y, f"{v:.3g}x", va="center", fontsize=6)
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("speed-up of the step")
+        ax.set_xscale("log")
+        ax.set_xlabel("speed-up of the step (log scale)")
         ax.set_title(
             "prefix caching (vs uncached) and batched directions (vs sequential)", fontsize=9
         )
@@ -674,6 +677,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     parser.add_argument("--quick", action="store_true", help="tiny MLP, K in {1, 2}")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument("--sections", nargs="+", default=["paths", "prefix", "batched"])
@@ -693,6 +697,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "step_time_paths_quick.json" if args.quick else "step_time_paths.json"
     target = out / name
     payload: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
+    if args.plot_only:
+        plot(payload, target.with_suffix(".png"))
+        return
     payload["machine"] = machine()
     payload.setdefault("method", __doc__)
     ks = args.ks or ((1, 2) if args.quick else KS)
@@ -709,12 +716,17 @@ def main(argv: list[str] | None = None) -> None:
         if "paths" in args.sections:
             trainable = set_trainable(work.model, None)
             rows = run_paths(work, ks, args)
+            previous = payload.get("paths", {}).get(work.name, {}).get("rows", [])
+            measured = {r["K"] for r in rows}
+            rows = sorted(
+                [r for r in previous if r["K"] not in measured] + rows, key=lambda r: r["K"]
+            )
             payload.setdefault("paths", {})[work.name] = {
                 "config": {
                     "trainable_params": trainable,
                     "batch": work.batch_size,
                     "seq_len": int(work.batch["input_ids"].shape[1]),
-                    "ks": list(ks),
+                    "ks": [r["K"] for r in rows],
                     "repeats": args.repeats,
                     "repeats_64": args.repeats_64,
                     "clock": "process CPU time",
