@@ -23,9 +23,12 @@ from zoprivacy.accounting.pld import pld_epsilon
 _EXTRA_COMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
 
-def _pld_or_none(**kwargs) -> float | None:
+def _pld_or_none(skip: bool, **run: object) -> float | None:
+    """ε of ``run`` by the PLD accountant, or None when skipped or dp-accounting is missing."""
+    if skip:
+        return None
     try:
-        return pld_epsilon(**kwargs)
+        return pld_epsilon(**run)
     except ImportError:
         return None
 
@@ -46,34 +49,20 @@ def _print_table(rows: list[tuple[str, object]]) -> None:
 
 
 def _cmd_epsilon(args: argparse.Namespace) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OrderRangeWarning)
-        eps, order = epsilon_and_order(
-            noise_multiplier=args.noise_multiplier,
-            sample_rate=args.sample_rate,
-            steps=args.steps,
-            delta=args.delta,
-            laplace_scale=args.laplace_scale,
-        )
-    pld = (
-        None
-        if args.no_pld
-        else _pld_or_none(
-            noise_multiplier=args.noise_multiplier,
-            sample_rate=args.sample_rate,
-            steps=args.steps,
-            delta=args.delta,
-            laplace_scale=args.laplace_scale,
-        )
-    )
-    return {
+    run = {
         "noise_multiplier": args.noise_multiplier,
         "laplace_scale": args.laplace_scale,
         "sample_rate": args.sample_rate,
         "steps": args.steps,
         "delta": args.delta,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OrderRangeWarning)
+        eps, order = epsilon_and_order(**run)
+    return {
+        **run,
         "epsilon_rdp": eps,
-        "epsilon_pld": pld,
+        "epsilon_pld": _pld_or_none(args.no_pld, **run),
         "best_order": order,
     }
 
@@ -86,16 +75,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict:
         steps=args.steps,
         size_fraction=args.size_fraction,
     )
-    pld = (
-        None
-        if args.no_pld
-        else _pld_or_none(
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            delta=plan.delta,
-            laplace_scale=plan.laplace_scale,
-        )
+    pld = _pld_or_none(
+        args.no_pld,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        delta=plan.delta,
+        laplace_scale=plan.laplace_scale,
     )
     return {
         "target_epsilon": plan.target_epsilon,
