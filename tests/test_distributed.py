@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
-from zoprivacy import DPAggZO, is_empty_batch, make_private
+from zoprivacy import DPAggZO, MagnitudeMask, RandomMask, Stagewise, is_empty_batch, make_private
 from zoprivacy.data import PredictableSamplingWarning
 from zoprivacy.distributed import DataParallel, DistributedPoissonSampler, parameter_digest
 
@@ -57,6 +57,20 @@ PRIVATE_ARGS = dict(
     sample_rate=0.25,
     seed=5,
 )
+
+
+# Per option: (rank 0's, rank 1's) DPAggZO keywords that differ in that option only.
+_OPTION_MISMATCHES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "directions": ({}, {"directions": "rademacher"}),
+    "difference": ({}, {"difference": "forward"}),
+    "perturbation": ({}, {"perturbation": "inplace"}),
+    "batched_directions": ({}, {"batched_directions": 2}),
+    "mask": ({"mask": MagnitudeMask(0.5)}, {"mask": MagnitudeMask(0.25)}),
+    "schedule": (
+        {"num_directions": Stagewise([3], [4, 2])},
+        {"num_directions": Stagewise([2], [4, 2])},
+    ),
+}
 
 
 # ---------------------------------------------------------------------- shared model and data
@@ -147,6 +161,16 @@ def _scenario_equal(rank: int, out: Path, result: dict[str, Any]) -> None:
             result["config_error"] = None
         except RuntimeError as exc:
             result["config_error"] = str(exc)
+        # A rank with another step recipe (directions, difference, path, mask, schedule,
+        # batching): every rank refuses, before any step mixes different estimates.
+        result["option_errors"] = {}
+        for name, option in _OPTION_MISMATCHES.items():
+            mine = option[rank]
+            try:
+                DPAggZO(_model().parameters(), process_group=group, **{**DP_CONFIG, **mine})
+                result["option_errors"][name] = None
+            except RuntimeError as exc:
+                result["option_errors"][name] = str(exc)
     # Parameters that drift apart are caught by the check (on every rank).
     model = _model()
     with warnings.catch_warnings():
@@ -353,6 +377,9 @@ def test_two_processes_equal_one_process_on_the_same_batch_seeds_and_noise(tmp_p
     for r in (r0, r1):
         assert "disagree on the optimizer configuration" in r["config_error"]
         assert "not bit-identical" in r["desync_error"]
+        assert set(r["option_errors"]) == set(_OPTION_MISMATCHES)
+        for name, error in r["option_errors"].items():
+            assert error is not None and "disagree on the optimizer configuration" in error, name
     # A checkpoint of a 2-process run resumes on 2 processes (and, below, on 1).
     assert r0["private"]["steps"] == 2 and r0["resumed"]["steps"] == 4
     for key in ("private", "resumed"):
@@ -458,6 +485,34 @@ def test_sampler_arguments_are_checked():
         DistributedPoissonSampler(10, 1.5, rank=0, world_size=2)
     with pytest.raises(TypeError, match="generator"):
         DistributedPoissonSampler(10, 0.5, rank=0, world_size=2, generator="seed")  # type: ignore[arg-type]
+
+
+def test_the_configuration_digest_covers_the_step_options():
+    """One process: each step option (and each mask/schedule setting) changes the digest that
+    the ranks compare; equal library objects built separately give the same digest."""
+    from zoprivacy.distributed import _config_digest
+    from zoprivacy.masks import FixedMask
+
+    def digest(**options: Any) -> bytes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = DPAggZO(_model().parameters(), **{**DP_CONFIG, **options})
+        return _config_digest(opt, 2)
+
+    base = digest()
+    variants = {name: digest(**option[1]) for name, option in _OPTION_MISMATCHES.items()}
+    variants["mask_kind"] = digest(mask=RandomMask(0.5, seed=0))
+    variants["mask_seed"] = digest(mask=RandomMask(0.5, seed=1))
+    shapes = [p.shape for p in _model().parameters()]
+    variants["fixed"] = digest(mask=FixedMask([torch.ones(s, dtype=torch.bool) for s in shapes]))
+    variants["fixed_other_bits"] = digest(
+        mask=FixedMask([torch.zeros(s, dtype=torch.bool) for s in shapes])
+    )
+    variants["clip_schedule"] = digest(clip_norm=Stagewise([2], [4.0, 1.0]))
+    assert len({base, *variants.values()}) == len(variants) + 1
+    for option in _OPTION_MISMATCHES.values():  # separately built equal objects agree
+        assert digest(**option[0]) == digest(**option[0])
+    assert digest(mask=MagnitudeMask(0.5)) == digest(mask=MagnitudeMask(0.5))
 
 
 def test_process_group_needs_an_initialised_torch_distributed():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -204,6 +205,8 @@ def test_resume_with_schedules_is_bit_identical():
     for _ in range(3):
         resumed.step(closure)
     assert all(torch.equal(p, f) for p, f in zip(model.parameters(), full, strict=True))
+    # a user callable is not saved: resuming without it names the fix
+    state["zoprivacy"]["schedules"] = {}
     constant = DPAggZO(
         model.parameters(),
         0.05,
@@ -348,3 +351,211 @@ def test_masked_update_is_the_masked_direction_sum():
             expected_batch_size=1,
             mask=lambda t, i, p: torch.ones(3, dtype=torch.bool),
         ).step(closure)
+
+
+# ---------------------------------------------------------------- checkpoints: schedules and masks
+def _ckpt_opt(params, *, schedules=True, mask=None, seed=4):
+    extra = {}
+    if schedules:
+        extra = dict(
+            num_directions=Stagewise([2], [2, 3]),
+            clip_norm=Stagewise([3], [1.0, 0.5]),
+            perturbation_scale=Stagewise([1, 4], [1e-2, 3e-3, 1e-3]),
+        )
+    else:  # what make_private's resume builds: the saved current values as constants
+        extra = dict(num_directions=1, clip_norm=9.0, perturbation_scale=0.5)
+    return DPAggZO(
+        params,
+        0.05,
+        noise_multiplier=0.8,
+        expected_batch_size=6,
+        seed=seed,
+        noise_seed=9,
+        mask=mask,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "mask_factory",
+    [
+        lambda params: MagnitudeMask(0.3),
+        lambda params: RandomMask(0.4, seed=4, every=2),
+        lambda params: FixedMask(magnitude_masks([p.detach() for p in params], 0.5)),
+    ],
+    ids=["magnitude", "random", "fixed"],
+)
+def test_schedules_and_masks_are_restored_from_the_checkpoint_bit_identically(mask_factory):
+    """A run with Stagewise schedules and a library mask, checkpointed after 2 of 6 steps and
+    resumed into an optimizer built WITHOUT the schedule and mask objects (plain constants,
+    mask=None), ends bit-identical to the uninterrupted run."""
+    model, closure = _problem()
+    init = copy.deepcopy(model.state_dict())
+    params = list(model.parameters())
+    rule = mask_factory(params)
+    opt = _ckpt_opt(params, mask=rule)
+    full_stats = [opt.step(closure) for _ in range(6)]
+    full = [p.detach().clone() for p in params]
+
+    model.load_state_dict(init)
+    opt = _ckpt_opt(params, mask=copy.deepcopy(rule))
+    for _ in range(2):
+        opt.step(closure)
+    state = copy.deepcopy(opt.state_dict())
+    zo = state["zoprivacy"]
+    assert set(zo["schedules"]) == {"num_directions", "clip_norm", "perturbation_scale"}
+    assert zo["mask"]["type"] == type(rule).__name__
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # what a checkpoint file holds
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    resumed = _ckpt_opt(params, schedules=False, mask=None)
+    resumed.load_state_dict(state)
+    assert resumed.scheduled == ("num_directions", "clip_norm", "perturbation_scale")
+    assert resumed.num_directions == 3 and resumed.clip_norm == 1.0
+    stats = [resumed.step(closure) for _ in range(4)]
+    assert all(torch.equal(p, f) for p, f in zip(params, full, strict=True))
+    for s, ref in zip(stats, full_stats[2:], strict=True):
+        assert torch.equal(s.noisy_sum, ref.noisy_sum)
+        assert (s.num_directions, s.clip_norm, s.perturbation_scale) == (
+            ref.num_directions,
+            ref.clip_norm,
+            ref.perturbation_scale,
+        )
+    assert [s.num_directions for s in full_stats] == [2, 2, 3, 3, 3, 3]
+    # built with the same objects: accepted (equal, not identical)
+    again = _ckpt_opt(params, mask=copy.deepcopy(rule))
+    again.load_state_dict(state)
+    assert again.state_dict()["zoprivacy"]["mask"]["type"] == type(rule).__name__
+
+
+def test_a_resume_with_another_schedule_or_mask_raises():
+    model, closure = _problem()
+    params = list(model.parameters())
+    opt = _ckpt_opt(params, mask=MagnitudeMask(0.3))
+    opt.step(closure)
+    state = opt.state_dict()
+
+    other = DPAggZO(
+        params,
+        0.05,
+        num_directions=Stagewise([3], [2, 3]),  # another boundary: another trajectory
+        clip_norm=Stagewise([3], [1.0, 0.5]),
+        perturbation_scale=Stagewise([1, 4], [1e-2, 3e-3, 1e-3]),
+        noise_multiplier=0.8,
+        expected_batch_size=6,
+        mask=MagnitudeMask(0.3),
+    )
+    before = other.state_dict()["zoprivacy"]
+    with pytest.raises(ValueError, match=r"num_directions schedule is Stagewise\(\[2\]"):
+        other.load_state_dict(state)
+    assert other.state_dict()["zoprivacy"] == before  # nothing changed
+    with pytest.raises(ValueError, match="mask is MagnitudeMask"):
+        _ckpt_opt(params, mask=MagnitudeMask(0.5)).load_state_dict(state)
+    with pytest.raises(ValueError, match="mask is MagnitudeMask"):
+        _ckpt_opt(params, mask=RandomMask(0.3, seed=0)).load_state_dict(state)
+    with pytest.raises(ValueError, match="without a mask"):
+        unmasked = _ckpt_opt(params)
+        unmasked.step(closure)
+        _ckpt_opt(params, mask=MagnitudeMask(0.3)).load_state_dict(unmasked.state_dict())
+    # constant when saved, a schedule now: refused
+    constant = _ckpt_opt(params, schedules=False)
+    with pytest.raises(ValueError, match="constant"):
+        _ckpt_opt(params).load_state_dict(constant.state_dict())
+    # a user callable is checked against the value saved for the current step
+    custom = DPAggZO(
+        params,
+        0.05,
+        num_directions=lambda t: 2,
+        clip_norm=1.0,
+        noise_multiplier=0.8,
+        expected_batch_size=6,
+    )
+    custom.step(closure)
+    state = custom.state_dict()
+    assert state["zoprivacy"]["schedules"] == {}
+    wrong = DPAggZO(
+        params,
+        0.05,
+        num_directions=lambda t: 5,
+        clip_norm=1.0,
+        noise_multiplier=0.8,
+        expected_batch_size=6,
+    )
+    with pytest.raises(ValueError, match="gives 5 at step 1"):
+        wrong.load_state_dict(state)
+
+
+def test_library_schedules_and_masks_serialise_to_equal_objects():
+    from zoprivacy.masks import mask_from_state_dict
+    from zoprivacy.schedules import schedule_from_state_dict
+
+    s = Stagewise([3, 9], [1e-2, 3e-3, 1e-3])
+    assert schedule_from_state_dict(s.state_dict()) == s
+    assert Stagewise.from_state_dict(s.state_dict()) == s
+    with pytest.raises(ValueError, match="same callable"):
+        schedule_from_state_dict({"type": "Cosine"})
+    p = torch.randn(7, 9)
+    for m in (MagnitudeMask(0.2, largest=False), RandomMask(0.3, seed=5, every=3)):
+        back = mask_from_state_dict(m.state_dict())
+        assert back == m and torch.equal(back(4, 1, p), m(4, 1, p))
+    assert MagnitudeMask(0.2) != MagnitudeMask(0.3) and RandomMask(0.3, seed=1) != RandomMask(
+        0.3, seed=2
+    )
+    fixed = FixedMask([p > 0, None, torch.zeros(5, dtype=torch.bool)])
+    back = mask_from_state_dict(fixed.state_dict())
+    assert back == fixed and back.digest == fixed.digest
+    assert torch.equal(back(0, 0, p), p > 0) and back(0, 1, p) is None
+    assert FixedMask([p < 0]) != fixed and FixedMask([p < 0]).digest != fixed.digest
+    with pytest.raises(ValueError, match="same mask callable"):
+        mask_from_state_dict({"type": "TopK"})
+
+
+def test_random_mask_streams_are_independent_of_the_direction_seeds():
+    """RandomMask(seed=s) with the optimizer's own seed s: mask (t, index=j) must not reuse the
+    seed of direction (t, k=j, tensor 0)."""
+    from zoprivacy.directions import tensor_seeds
+
+    mask = RandomMask(0.5, seed=11)
+    p = torch.empty(64)
+    seed_dir = tensor_seeds(11, 0, 1, 1)[0]
+    gen = torch.Generator().manual_seed(seed_dir)
+    same_seed = torch.empty(64, dtype=torch.bool).bernoulli_(0.5, generator=gen)
+    assert not torch.equal(mask(0, 1, p), same_seed)
+
+
+def test_public_names_are_re_exported_from_the_package():
+    import zoprivacy
+    from zoprivacy import (  # noqa: F401  (the import itself is the test)
+        FixedMask,
+        LabelWordHead,
+        MagnitudeMask,
+        PrefixCache,
+        RandomMask,
+        Stagewise,
+        masks,
+        prefix,
+        schedule_epsilon,
+        schedules,
+    )
+
+    for name in (
+        "PrefixCache",
+        "LabelWordHead",
+        "Stagewise",
+        "schedule_epsilon",
+        "MagnitudeMask",
+        "RandomMask",
+        "FixedMask",
+    ):
+        assert name in zoprivacy.__all__, name
+    assert zoprivacy.Stagewise is schedules.Stagewise
+    assert zoprivacy.schedule_epsilon is schedules.schedule_epsilon
+    assert zoprivacy.PrefixCache is prefix.PrefixCache
+    assert zoprivacy.LabelWordHead is prefix.LabelWordHead
+    assert (zoprivacy.MagnitudeMask, zoprivacy.RandomMask, zoprivacy.FixedMask) == (
+        masks.MagnitudeMask,
+        masks.RandomMask,
+        masks.FixedMask,
+    )
+    assert all(hasattr(zoprivacy, name) for name in zoprivacy.__all__)

@@ -2,6 +2,9 @@
 
 Main entry points: :class:`DPAggZO` (with presets :class:`DPZO` and :class:`MeZO`),
 :func:`make_private` for one-call setup, and :mod:`zoprivacy.accounting` for the privacy maths.
+DP-ZOSO schedules (:class:`Stagewise`, :func:`schedule_epsilon`), DP-ZOPO masks
+(:class:`MagnitudeMask`, :class:`RandomMask`, :class:`FixedMask`) and the speed helpers
+:class:`PrefixCache` and :class:`LabelWordHead` are re-exported here.
 """
 
 from zoprivacy import accounting
@@ -14,9 +17,12 @@ from zoprivacy.data import (
     poisson_loader,
     release_size,
 )
+from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
 from zoprivacy.noise import PredictableNoiseWarning
 from zoprivacy.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
+from zoprivacy.prefix import LabelWordHead, PrefixCache
 from zoprivacy.private import PrivateTraining, make_private
+from zoprivacy.schedules import Stagewise, schedule_epsilon
 from zoprivacy.stats import StepStats
 
 __version__ = "0.1.0"
@@ -25,12 +31,18 @@ __all__ = [
     "DPZO",
     "EMPTY_BATCH",
     "DPAggZO",
+    "FixedMask",
+    "LabelWordHead",
+    "MagnitudeMask",
     "MeZO",
     "NotPrivateWarning",
     "PoissonBatchSampler",
     "PredictableNoiseWarning",
+    "PrefixCache",
     "PrivacyBudgetExceeded",
     "PrivateTraining",
+    "RandomMask",
+    "Stagewise",
     "StepStats",
     "__version__",
     "accounting",
@@ -39,4 +51,5 @@ __all__ = [
     "make_private",
     "poisson_loader",
     "release_size",
+    "schedule_epsilon",
 ]

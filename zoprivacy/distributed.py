@@ -422,8 +422,39 @@ def _config_digest(optimizer: Any, world_size: int) -> bytes:
         world_size,
         groups,
         tensors,
+        # how a step is computed: every rank must evaluate the same points with the same
+        # estimator, or the summed K-vectors would mix different quantities
+        getattr(optimizer, "perturbation", None),
+        getattr(optimizer, "directions", None),
+        getattr(optimizer, "difference", None),
+        getattr(optimizer, "_batched", None),
+        _describe(getattr(optimizer, "_mask", None)),
+        tuple(
+            (name, _describe(optimizer._spec[name])) for name in getattr(optimizer, "scheduled", ())
+        ),
     )
     return hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
+
+
+def _describe(obj: Any) -> Any:
+    """A rank-independent description of a mask or schedule for the configuration check.
+
+    The library's masks and schedules are described by their whole configuration (a
+    :class:`~zoprivacy.masks.FixedMask` by a digest of its bits, computed once); any other
+    callable by its qualified name only (its behaviour cannot be compared across processes).
+    """
+    if obj is None:
+        return None
+    from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
+    from zoprivacy.schedules import Stagewise
+
+    kind = type(obj)
+    if kind is FixedMask:
+        return ("FixedMask", obj.digest)  # hashed once (the masks are fixed)
+    if kind in (Stagewise, MagnitudeMask, RandomMask):
+        return repr(sorted(obj.state_dict().items()))
+    name = getattr(obj, "__qualname__", None) or kind.__qualname__
+    return (getattr(obj, "__module__", None) or kind.__module__, name)
 
 
 def _halves(digest: bytes) -> tuple[float, float]:

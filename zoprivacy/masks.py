@@ -30,13 +30,21 @@ Masks provided here:
   from a public seed, redrawn every ``every`` steps.
 * :class:`FixedMask`: given boolean masks (e.g. magnitudes of the public pretrained weights,
   :func:`magnitude_masks`).
+
+Checkpoints: the three classes serialise themselves (``state_dict()``,
+:func:`mask_from_state_dict`; a :class:`FixedMask` saves its masks packed to bits), so
+``DPAggZO.state_dict()`` saves the mask and ``load_state_dict`` restores it into an optimizer
+built without one, or checks that the optimizer's own mask is the same. Any other mask callable
+is not saved: pass the same callable when resuming.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +57,7 @@ __all__ = [
     "MaskFn",
     "RandomMask",
     "magnitude_masks",
+    "mask_from_state_dict",
     "pack_mask",
     "unpack_mask",
 ]
@@ -56,6 +65,10 @@ __all__ = [
 MaskFn = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 _CHUNK = 1 << 18  # coordinates per chunk when masks are built or packed
+# RandomMask's SeedSequence spawn keys carry this tag as a third word: the direction seeds use
+# two-word keys (step, k) (zoprivacy.directions), so a RandomMask given the optimizer's own seed
+# still draws from streams independent of the directions.
+_RANDOM_MASK_TAG = 0x6D61736B  # "mask"
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -156,14 +169,30 @@ class MagnitudeMask:
     def __repr__(self) -> str:
         return f"MagnitudeMask(density={self.density}, largest={self.largest})"
 
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe configuration; :func:`mask_from_state_dict` rebuilds an equal mask."""
+        return {
+            "type": "MagnitudeMask",
+            "density": self.density,
+            "largest": self.largest,
+            "sample_size": self.sample_size,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.state_dict() == other.state_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.state_dict().items()))
+
 
 class RandomMask:
     """Keep each coordinate with probability ``density``, from public randomness.
 
     The mask of tensor ``index`` at step ``t`` is drawn with a generator seeded from
-    ``SeedSequence(seed, spawn_key=(t // every, index))``: it is public (anyone with ``seed``
-    can replay it), the same for ``every`` consecutive steps, and independent of the direction
-    seeds. It is drawn on the tensor's device (CPU and CUDA give different masks).
+    ``SeedSequence(seed, spawn_key=(t // every, index, TAG))``: it is public (anyone with
+    ``seed`` can replay it), the same for ``every`` consecutive steps, and independent of the
+    direction seeds even when ``seed`` is the optimizer's own direction seed (those use two-word
+    spawn keys). It is drawn on the tensor's device (CPU and CUDA give different masks).
     """
 
     def __init__(self, density: float, *, seed: int, every: int = 1) -> None:
@@ -178,7 +207,8 @@ class RandomMask:
     def __call__(self, step: int, index: int, param: torch.Tensor) -> torch.Tensor | None:
         if self.density >= 1.0:
             return None
-        word = np.random.SeedSequence(self.seed, spawn_key=(step // self.every, index))
+        key = (step // self.every, index, _RANDOM_MASK_TAG)
+        word = np.random.SeedSequence(self.seed, spawn_key=key)
         gen = torch.Generator(device=param.device)
         gen.manual_seed(int(word.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1))
         out = torch.empty(param.shape, dtype=torch.bool, device=param.device)
@@ -186,6 +216,21 @@ class RandomMask:
 
     def __repr__(self) -> str:
         return f"RandomMask(density={self.density}, seed={self.seed}, every={self.every})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe configuration; :func:`mask_from_state_dict` rebuilds an equal mask."""
+        return {
+            "type": "RandomMask",
+            "density": self.density,
+            "seed": self.seed,
+            "every": self.every,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.state_dict() == other.state_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.state_dict().items()))
 
 
 class FixedMask:
@@ -202,9 +247,74 @@ class FixedMask:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask {index} must be a bool tensor, got {mask!r}")
             self.masks[int(index)] = mask
+        self._digest: str | None = None
 
     def __call__(self, step: int, index: int, param: torch.Tensor) -> torch.Tensor | None:
         return self.masks.get(index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"type": "FixedMask", "masks": {index: (shape, packed bits)}}`` (CPU uint8 tensors,
+        1 bit per coordinate); :func:`mask_from_state_dict` rebuilds an equal mask."""
+        return {
+            "type": "FixedMask",
+            "masks": {
+                i: (list(m.shape), pack_mask(m.detach()).cpu()) for i, m in self.masks.items()
+            },
+        }
+
+    @property
+    def digest(self) -> str:
+        """A short hex digest of the indices, shapes and bits of the masks (for comparisons;
+        computed once, as the masks are fixed)."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=8)
+            for i in sorted(self.masks):
+                m = self.masks[i]
+                h.update(repr((i, tuple(m.shape))).encode())
+                h.update(pack_mask(m.detach()).cpu().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and self.masks.keys() == other.masks.keys()
+            and all(
+                m.shape == other.masks[i].shape and torch.equal(m.cpu(), other.masks[i].cpu())
+                for i, m in self.masks.items()
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds tensors: compared by value
+
+    def __repr__(self) -> str:
+        return f"FixedMask(tensors={sorted(self.masks)}, digest={self.digest})"
+
+
+def mask_from_state_dict(
+    state: Mapping[str, Any], device: torch.device | str | None = None
+) -> MagnitudeMask | RandomMask | FixedMask:
+    """Rebuild a library mask from its ``state_dict()`` (dispatches on ``state["type"]``).
+
+    ``device``: where a :class:`FixedMask`'s boolean masks are unpacked (default CPU; the
+    optimizer moves each mask to its tensor's device when it applies it).
+    """
+    kind = state.get("type") if isinstance(state, Mapping) else None
+    if kind == "MagnitudeMask":
+        return MagnitudeMask(
+            state["density"], largest=state["largest"], sample_size=state["sample_size"]
+        )
+    if kind == "RandomMask":
+        return RandomMask(state["density"], seed=state["seed"], every=state["every"])
+    if kind == "FixedMask":
+        masks = {}
+        for i, (shape, packed) in state["masks"].items():
+            masks[int(i)] = unpack_mask(packed.to(device or "cpu"), shape).clone()
+        return FixedMask(masks)
+    raise ValueError(
+        f"unknown mask state {state!r}: only MagnitudeMask, RandomMask and FixedMask are "
+        "serialisable; pass the same mask callable when resuming"
+    )
 
 
 def magnitude_masks(

@@ -764,8 +764,12 @@ class DPAggZO(torch.optim.Optimizer):
 
         With ``noise_seed=None`` no noise state is saved: a resumed run draws fresh OS entropy.
         The accountant is not saved (checkpoint it separately). Scheduled hyper-parameters are
-        saved with their value at the current step and listed under ``"scheduled"``: the
-        callables themselves are not saved, so pass the same schedules when resuming.
+        saved with their value at the current step and listed under ``"scheduled"``; the
+        library's own schedules (:class:`~zoprivacy.schedules.Stagewise`) are saved whole under
+        ``"schedules"``, and the library's masks (:class:`~zoprivacy.masks.MagnitudeMask`,
+        :class:`~zoprivacy.masks.RandomMask`, :class:`~zoprivacy.masks.FixedMask`) under
+        ``"mask"``. Any other callable (schedule or mask) is not saved: pass the same callable
+        when resuming.
         """
         sd = super().state_dict()
         sd[_STATE_KEY] = {
@@ -785,6 +789,12 @@ class DPAggZO(torch.optim.Optimizer):
             "difference": self._difference,
             "masked": self._mask is not None,
             "batched_directions": self._batched,
+            "schedules": {
+                name: self._spec[name].state_dict()
+                for name in self.scheduled
+                if _serialisable(self._spec[name])
+            },
+            "mask": self._mask.state_dict() if _serialisable(self._mask) else None,
         }
         return sd
 
@@ -793,9 +803,19 @@ class DPAggZO(torch.optim.Optimizer):
 
         The saved hyper-parameters, seed, step count, noise mode, direction distribution,
         difference and perturbation path replace the current ones (validated first; nothing
-        changes if validation fails). A hyper-parameter that was scheduled when saved keeps this
-        optimizer's schedule, which must exist. A run saved with a mask needs this optimizer to
-        have one (masks are callables and are not saved).
+        changes if validation fails).
+
+        Schedules and masks (a resume must follow the same trajectory, so mismatches raise):
+
+        * a library schedule or mask saved in the checkpoint (``Stagewise``, ``MagnitudeMask``,
+          ``RandomMask``, ``FixedMask``) is restored when this optimizer was built without one
+          (a constant in place of the schedule, ``mask=None``); when it was built with one, it
+          must be equal to the saved one;
+        * a hyper-parameter scheduled by another callable keeps this optimizer's callable, which
+          must exist and must give the saved value at the saved step; a run saved with another
+          mask callable needs this optimizer to have one (pass the same callable);
+        * a hyper-parameter that was constant when saved cannot be resumed with a schedule, and
+          a run saved without a mask cannot be resumed with one.
         """
         sd = dict(state_dict)
         zo = sd.pop(_STATE_KEY, None)
@@ -804,16 +824,12 @@ class DPAggZO(torch.optim.Optimizer):
         step = _check_int("step", zo["step"], minimum=0)
         seed = _check_int("seed", zo["seed"], minimum=0)
         scheduled = list(zo.get("scheduled", []))
+        saved_schedules = zo.get("schedules") or {}
         spec = dict(self._spec)
         for name in _SCHEDULABLE:
-            if name in scheduled:
-                if not callable(self._spec[name]):
-                    raise ValueError(
-                        f"the checkpoint's {name} was a schedule: build the optimizer with the "
-                        f"same schedule (a callable of the step) to resume it"
-                    )
-                continue
-            spec[name] = _check_hyper(name, zo[name], scheduled=False)
+            spec[name] = _resume_schedule(
+                name, self._spec[name], name in scheduled, saved_schedules.get(name), zo, step
+            )
         if spec["clip_norm"] is None and callable(spec["noise_multiplier"]):
             raise ValueError("clip_norm=None (MeZO) cannot be resumed with a σ schedule")
         b = zo["expected_batch_size"]
@@ -825,8 +841,7 @@ class DPAggZO(torch.optim.Optimizer):
         difference = zo.get("difference", self._difference)
         if difference not in DIFFERENCES:
             raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
-        if zo.get("masked", False) and self._mask is None:
-            raise ValueError("the checkpoint was taken with a mask: pass the same mask to resume")
+        mask = _resume_mask(self._mask, bool(zo.get("masked", False)), zo.get("mask"))
         batched = zo.get("batched_directions", self._batched)
         if batched is not None:
             batched = _check_int("batched_directions", batched, minimum=1)
@@ -842,7 +857,7 @@ class DPAggZO(torch.optim.Optimizer):
             directions,
             difference,
         )
-        self._batched = batched
+        self._batched, self._mask = batched, mask
         self._inplace, self._layout, self._checked_unseen = None, (), False
         self._last_path = None
 
@@ -941,6 +956,80 @@ class MeZO(DPAggZO):
 
 
 # ---------------------------------------------------------------------- helpers
+def _serialisable(obj: object) -> bool:
+    """A library schedule or mask, which saves itself whole in ``DPAggZO.state_dict()``."""
+    from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
+    from zoprivacy.schedules import Stagewise
+
+    return type(obj) in (Stagewise, MagnitudeMask, RandomMask, FixedMask)
+
+
+def _resume_schedule(
+    name: str, mine: Any, was_scheduled: bool, saved: dict[str, Any] | None, zo: dict, step: int
+) -> Any:
+    """The spec of hyper-parameter ``name`` after loading a checkpoint (see load_state_dict)."""
+    from zoprivacy.schedules import schedule_from_state_dict
+
+    if not was_scheduled:
+        if callable(mine):
+            raise ValueError(
+                f"the checkpoint's {name} is the constant {zo[name]!r} but this optimizer has "
+                f"the schedule {mine!r}: build it with {name}={zo[name]!r} (or nothing) to resume"
+            )
+        return _check_hyper(name, zo[name], scheduled=False)
+    if saved is not None:
+        restored = schedule_from_state_dict(saved)
+        if not callable(mine):  # built without it (e.g. make_private's resume): restore it
+            _check_hyper(name, restored(step), scheduled=True, step=step)
+            return restored
+        if mine != restored:
+            raise ValueError(
+                f"the checkpoint's {name} schedule is {restored!r} but this optimizer's is "
+                f"{mine!r}: resume with the same schedule, or build the optimizer without one to "
+                "restore the checkpoint's"
+            )
+        return mine
+    if not callable(mine):
+        raise ValueError(
+            f"the checkpoint's {name} was a schedule: build the optimizer with the "
+            f"same schedule (a callable of the step) to resume it"
+        )
+    value = _check_hyper(name, mine(step), scheduled=True, step=step)
+    saved_value = _check_hyper(name, zo[name], scheduled=True, step=step)
+    if value != saved_value:
+        raise ValueError(
+            f"this optimizer's {name} schedule gives {value!r} at step {step}, the checkpoint "
+            f"saved {saved_value!r}: resume with the same schedule"
+        )
+    return mine
+
+
+def _resume_mask(mine: Any, masked: bool, saved: dict[str, Any] | None) -> Any:
+    """The mask after loading a checkpoint (see load_state_dict)."""
+    from zoprivacy.masks import mask_from_state_dict
+
+    if not masked:
+        if mine is not None:
+            raise ValueError(
+                f"the checkpoint was taken without a mask but this optimizer has {mine!r}: "
+                "build it with mask=None to resume"
+            )
+        return None
+    if saved is not None:
+        restored = mask_from_state_dict(saved)
+        if mine is None:
+            return restored
+        if mine != restored:
+            raise ValueError(
+                f"the checkpoint's mask is {restored!r} but this optimizer's is {mine!r}: resume "
+                "with the same mask, or with mask=None to restore the checkpoint's"
+            )
+        return mine
+    if mine is None:
+        raise ValueError("the checkpoint was taken with a mask: pass the same mask to resume")
+    return mine
+
+
 def _resolve(spec: Any, step: int) -> Any:
     return spec(step) if callable(spec) else spec
 

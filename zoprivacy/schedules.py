@@ -17,6 +17,12 @@ Accounting: the optimizer charges its accountant with the σ of every step, so a
 composition of heterogeneous subsampled-Gaussian steps; :func:`schedule_epsilon` computes the
 same total before training (e.g. to choose the schedule), by composing the RDP of each distinct
 (σ, q) run of steps with the size release.
+
+Checkpoints: :class:`Stagewise` serialises itself (:meth:`Stagewise.state_dict`,
+:func:`schedule_from_state_dict`), so ``DPAggZO.state_dict()`` saves the whole schedule and
+``load_state_dict`` restores it into an optimizer built without it, or checks that the
+optimizer's own schedule is the same one. Any other callable is not saved: pass the same
+callable when resuming.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Stagewise", "schedule_epsilon", "stage_lengths"]
+__all__ = ["Stagewise", "schedule_epsilon", "schedule_from_state_dict", "stage_lengths"]
 
 
 class Stagewise:
@@ -38,8 +44,11 @@ class Stagewise:
         values: one value per stage (``len(boundaries) + 1``).
 
     ``Stagewise([100, 300], [a, b, c])(step)`` is ``a`` for steps 0-99, ``b`` for 100-299 and
-    ``c`` from 300 on. Picklable and comparable, so it can be logged with a run's config.
+    ``c`` from 300 on. Picklable, comparable and serialisable (:meth:`state_dict`), so it can
+    be logged with a run's config and saved in a checkpoint.
     """
+
+    _TYPE = "Stagewise"
 
     def __init__(self, boundaries: Sequence[int], values: Sequence[Any]) -> None:
         bounds = list(boundaries)
@@ -76,6 +85,33 @@ class Stagewise:
 
     def __repr__(self) -> str:
         return f"Stagewise({self.boundaries}, {self.values})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"type": "Stagewise", "boundaries": [...], "values": [...]}`` (JSON-safe for
+        number values); :meth:`from_state_dict` rebuilds an equal schedule."""
+        return {
+            "type": self._TYPE,
+            "boundaries": list(self.boundaries),
+            "values": list(self.values),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Stagewise:
+        """The schedule saved by :meth:`state_dict` (validated like the constructor's input)."""
+        if not isinstance(state, dict) or state.get("type") != cls._TYPE:
+            raise ValueError(f"not a Stagewise state_dict: {state!r}")
+        return cls(state["boundaries"], state["values"])
+
+
+def schedule_from_state_dict(state: dict[str, Any]) -> Stagewise:
+    """Rebuild a library schedule from its ``state_dict()`` (dispatches on ``state["type"]``)."""
+    kind = state.get("type") if isinstance(state, dict) else None
+    if kind == Stagewise._TYPE:
+        return Stagewise.from_state_dict(state)
+    raise ValueError(
+        f"unknown schedule state {state!r}: only zoprivacy.schedules.Stagewise is serialisable; "
+        "pass the same callable when resuming"
+    )
 
 
 def stage_lengths(schedule: Callable[[int], Any], steps: int) -> list[tuple[Any, int]]:
