@@ -142,15 +142,25 @@ class PoissonBatchSampler(Sampler[list[int]]):
     for millions of records). Batches are sorted lists of indices; an empty batch is yielded as
     ``[]`` and counts as a step, as the privacy analysis requires.
 
+    Batch ``t`` (the ``t``-th draw, counted by :attr:`position`) comes from its own stream,
+    ``PCG64(SeedSequence(key, spawn_key=(t,)))``, where ``key`` is a 128-bit secret. So a batch
+    depends only on (key, t): a seeded run resumed at step ``t`` (:meth:`load_state_dict`, or
+    ``position=t``) draws exactly the batches an unbroken run would, however far a prefetching
+    ``DataLoader`` had read ahead before the crash. The key of an OS-entropy sampler is never
+    saved (:meth:`state_dict` holds no secret); a resumed private run draws a fresh key, which
+    leaves the distribution of every later batch unchanged (the draws are independent per step).
+
     Args:
         num_records: dataset size ``n`` (``int >= 0``).
         sample_rate: inclusion probability ``q`` in ``(0, 1]``.
         steps: number of batches one pass over the sampler yields (its ``len()``). ``None`` means
-            ``max(1, round(1 / q))``, one expected epoch. Each new iteration draws new batches.
-        generator: ``None`` (default) seeds a generator from OS entropy, so batch selection is
-            not derivable from any public seed. An int seed, ``numpy.random.Generator`` or
-            ``torch.Generator`` makes batches reproducible (tests only) and warns with
-            :class:`PredictableSamplingWarning`.
+            ``max(1, round(1 / q))``, one expected epoch. Each new iteration continues with new
+            batches (it does not repeat the previous pass).
+        generator: ``None`` (default) takes the key from OS entropy, so batch selection is not
+            derivable from any public seed. An int seed, ``numpy.random.Generator`` or
+            ``torch.Generator`` (one 128-bit draw from it gives the key) makes batches
+            reproducible (tests only) and warns with :class:`PredictableSamplingWarning`.
+        position: index of the first batch to draw (default 0).
     """
 
     def __init__(
@@ -160,6 +170,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         *,
         steps: int | None = None,
         generator: GeneratorLike = None,
+        position: int = 0,
     ) -> None:
         self.num_records: int = _check_count(num_records, "num_records")  # type: ignore[assignment]
         self.sample_rate: float = _check_rate(sample_rate)
@@ -167,17 +178,26 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if steps is None:
             steps = max(1, round(1.0 / self.sample_rate))
         self.steps: int = steps
-        self._rng = _numpy_generator(generator, "batch selection")
+        self.position: int = _check_count(position, "position")  # type: ignore[assignment]
+        self._key, self.seeded = _sampling_key(generator, "batch selection")
+
+    def _batch_rng(self, index: int) -> np.random.Generator:
+        return np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence(self._key, spawn_key=(index,)))
+        )
 
     def sample_batch(self) -> list[int]:
-        """Draw one Poisson batch (a sorted list of record indices, possibly empty)."""
+        """Draw the next Poisson batch (a sorted list of record indices, possibly empty)."""
         n, q = self.num_records, self.sample_rate
+        index = self.position
+        self.position = index + 1
         if q >= 1.0:
             return list(range(n))
-        size = int(self._rng.binomial(n, q))
+        rng = self._batch_rng(index)
+        size = int(rng.binomial(n, q))
         if size == 0:
             return []
-        idx = self._rng.choice(n, size=size, replace=False, shuffle=False)
+        idx = rng.choice(n, size=size, replace=False, shuffle=False)
         idx.sort()
         return idx.tolist()
 
@@ -188,11 +208,57 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def state_dict(self) -> dict[str, Any]:
+        """``{"mode", "position"}``, plus the key only for a seeded sampler (never a secret)."""
+        state: dict[str, Any] = {
+            "mode": "seeded" if self.seeded else "os_entropy",
+            "position": self.position,
+        }
+        if self.seeded:
+            state["key"] = self._key
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], *, position: int | None = None) -> None:
+        """Continue a :meth:`state_dict`: a seeded one restores its key (so the batches are the
+        same as in the saved run), an OS-entropy one keeps this sampler's fresh key.
+
+        Args:
+            state: from :meth:`state_dict`.
+            position: the next batch index to draw (default: the saved one). A resumed run passes
+                its step count, the index of the batch its next step uses.
+        """
+        mode = state.get("mode")
+        if mode not in ("seeded", "os_entropy"):
+            raise ValueError(f"sampler state has unknown mode {mode!r}; expected a state_dict()")
+        pos = _check_count(state.get("position", 0) if position is None else position, "position")
+        if mode == "seeded":
+            key = state.get("key")
+            if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+                raise ValueError(f"seeded sampler state needs a non-negative int key, got {key!r}")
+            self._key, self.seeded = int(key), True
+        self.position = pos  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return (
             f"PoissonBatchSampler(num_records={self.num_records}, "
-            f"sample_rate={self.sample_rate}, steps={self.steps})"
+            f"sample_rate={self.sample_rate}, steps={self.steps}, position={self.position}, "
+            f"{'seeded' if self.seeded else 'os_entropy'})"
         )
+
+
+def _sampling_key(generator: GeneratorLike, what: str) -> tuple[int, bool]:
+    """The 128-bit key of a sampler and whether it is seeded (predictable) or from OS entropy."""
+    if generator is None:
+        return secrets.randbits(128), False
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        seed = operator.index(generator)
+        if seed < 0:
+            raise ValueError(f"generator seed must be >= 0, got {seed}")
+        _numpy_generator(generator, what)  # validates and warns
+        return seed, True
+    rng = _numpy_generator(generator, what)  # validates the type and warns
+    words = rng.integers(0, 2**32, size=4, dtype=np.uint64)
+    return int(sum(int(w) << (32 * i) for i, w in enumerate(words))), True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import functools
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,6 +305,7 @@ class DPAggZO(torch.optim.Optimizer):
         self._expected_batch_size = expected_batch_size
         self._sample_rate = sample_rate
         self._accountant = accountant
+        self._journal: Any | None = None
         self._perturbation = perturbation
         self._directions = directions
         self._difference = difference
@@ -478,6 +479,10 @@ class DPAggZO(torch.optim.Optimizer):
             self._accountant.step(
                 noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate, steps=1
             )
+        if self._journal is not None:  # write-ahead: on disk before any data is touched
+            self._journal.begin(
+                step, noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate
+            )
 
         entries = self._trainable()
         params = [p for p, _ in entries]
@@ -519,6 +524,14 @@ class DPAggZO(torch.optim.Optimizer):
         elif release is not None:
             noisy_sum = release(noisy_sum)
 
+        if self._journal is not None:  # S_t is on disk before the update is applied
+            self._journal.release(
+                step,
+                noisy_sum,
+                lrs=[float(g["lr"]) for _, g in entries],
+                weight_decays=[float(g["weight_decay"]) for _, g in entries],
+                noise_state=self._noise.state_dict() if self._noise.reproducible else None,
+            )
         if self.is_mezo:
             normalizer = float(batch)
         else:
@@ -551,6 +564,79 @@ class DPAggZO(torch.optim.Optimizer):
             noise_multiplier=cfg.noise_multiplier,
             generations=stream.generations,
         )
+
+    # ------------------------------------------------------------------ journal and replay
+    @property
+    def accountant(self) -> Any | None:
+        """The accountant charged at every step (None if not accounted)."""
+        return self._accountant
+
+    def attach_journal(self, journal: Any | None) -> None:
+        """Write every step to ``journal`` (a :class:`zoprivacy.journal.StepJournal`): a
+        ``begin`` record before the step touches data and a ``release`` record with S_t before
+        its update. :func:`zoprivacy.make_private` attaches one when given ``journal=``."""
+        if journal is not None:
+            if self._accountant is None:
+                raise ValueError(
+                    "a journal records accounted releases: build the optimizer with an "
+                    "accountant (or use zoprivacy.make_private(..., journal=path))"
+                )
+            if self._dp is not None:
+                raise ValueError(
+                    "journals are not supported for data-parallel runs yet (process_group is "
+                    "set): checkpoint every step instead"
+                )
+        self._journal = journal
+
+    @torch.no_grad()
+    def replay_release(
+        self,
+        noisy_sum: torch.Tensor,
+        *,
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        noise_state: dict[str, Any] | None = None,
+    ) -> None:
+        """Apply the next step's update (line 16) from its already released S_t.
+
+        Post-processing of a release made before a crash (see :mod:`zoprivacy.journal`): no
+        closure runs, no noise is drawn, the accountant is not charged here (the journal's
+        ``begin`` record is). ``lrs``/``weight_decays`` are the recorded per-tensor values and
+        ``noise_state`` the seeded noise state after the step (None: OS-entropy noise).
+        """
+        if self.is_mezo:
+            raise ValueError("MeZO steps are normalised by the private |B| and cannot be replayed")
+        step = self._step_count
+        cfg = self._config(step)
+        entries = self._trainable()
+        params = [p for p, _ in entries]
+        if len(lrs) != len(params) or len(weight_decays) != len(params):
+            raise ValueError(
+                f"the recorded step has {len(lrs)} learning rates for {len(params)} trainable "
+                "tensors: resume with the same model and trainable selection"
+            )
+        noisy_sum = torch.as_tensor(noisy_sum)
+        if tuple(noisy_sum.shape) != (cfg.num_directions,):
+            raise ValueError(
+                f"recorded S_t has shape {tuple(noisy_sum.shape)}, step {step} uses "
+                f"{cfg.num_directions} directions"
+            )
+        stream = DirectionStream(
+            params,
+            seed=self._seed,
+            step=step,
+            kind=self._directions,
+            masks=self._masks(step, params),
+        )
+        pool = ScratchPool(params)
+        coefs = noisy_sum / float(self._expected_batch_size)  # type: ignore[arg-type]
+        self._update(entries, step, pool.buffers(), stream, coefs, list(lrs), list(weight_decays))
+        pool.release_all()
+        if noise_state is not None:
+            noise = NoiseSource()
+            noise.load_state_dict(noise_state)
+            self._noise = noise
+        self._step_count = step + 1
 
     def _masks(self, step: int, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
         """DP-ZOPO: this step's mask of every tensor, packed to bits (None: no masks)."""
@@ -743,13 +829,20 @@ class DPAggZO(torch.optim.Optimizer):
         scratch: dict[torch.device, torch.Tensor],
         stream: DirectionStream,
         coefs: torch.Tensor,
+        lrs: list[float] | None = None,
+        weight_decays: list[float] | None = None,
     ) -> None:
-        """Line 16 plus decoupled weight decay: θ ← θ(1 − η·wd) − η Σ_k coefs_k z_k."""
-        lrs = [float(g["lr"]) for _, g in entries]
-        for p, g in entries:
-            wd = float(g["weight_decay"])
-            if wd and g["lr"]:
-                p.mul_(1.0 - float(g["lr"]) * wd)
+        """Line 16 plus decoupled weight decay: θ ← θ(1 − η·wd) − η Σ_k coefs_k z_k.
+
+        ``lrs``/``weight_decays`` (per tensor) default to the param groups' current values."""
+        if lrs is None:
+            lrs = [float(g["lr"]) for _, g in entries]
+        if weight_decays is None:
+            weight_decays = [float(g["weight_decay"]) for _, g in entries]
+        for i, (p, _) in enumerate(entries):
+            wd = weight_decays[i]
+            if wd and lrs[i]:
+                p.mul_(1.0 - lrs[i] * wd)
         for k, coef in enumerate(coefs.tolist()):
             if coef == 0.0:
                 continue

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
 from zoprivacy.accounting import _validate as check
 from zoprivacy.data import poisson_loader, release_size
 from zoprivacy.distributed import distributed_poisson_loader, is_root, release_size_distributed
+from zoprivacy.journal import JournalError, Recovery, StepJournal, params_digest, recover
 from zoprivacy.optimizer import DPAggZO
 
 _FORMAT = "zoprivacy.PrivateTraining/1"
@@ -44,6 +46,9 @@ class PrivateTraining:
         expected_batch_size: b = q·ñ, the public normaliser of the update.
         params: the trainable parameters, in the optimizer's order (for checkpoints).
         process_group: the data-parallel group, or None (one process).
+        journal: the write-ahead :class:`~zoprivacy.journal.StepJournal`, or None.
+        recovery: on a resume with a journal, what was replayed and what was charged as
+            abandoned (:class:`~zoprivacy.journal.Recovery`); None otherwise.
     """
 
     optimizer: DPAggZO
@@ -55,6 +60,8 @@ class PrivateTraining:
     expected_batch_size: float
     params: list[torch.Tensor]
     process_group: Any = None
+    journal: StepJournal | None = None
+    recovery: Recovery | None = None
 
     @property
     def steps_done(self) -> int:
@@ -62,7 +69,16 @@ class PrivateTraining:
 
     @property
     def steps_left(self) -> int:
-        return self.plan.steps - self.steps_done
+        """Planned steps not taken yet, capped by what the budget still allows (abandoned
+        steps charged on a resume can leave room for fewer than planned)."""
+        left = self.plan.steps - self.steps_done
+        sigma = self.optimizer.noise_multiplier
+        allowed = None
+        if isinstance(sigma, float) and sigma > 0:
+            allowed = self.accountant.steps_allowed(
+                noise_multiplier=sigma, sample_rate=self.sample_rate
+            )
+        return max(0, left if allowed is None else min(left, allowed))
 
     def epsilon_spent(self, delta: float | None = None) -> float:
         """ε spent so far (size release + steps taken) at ``delta`` (default: the plan's δ)."""
@@ -79,6 +95,10 @@ class PrivateTraining:
             "sample_rate": self.sample_rate,
             "expected_batch_size": self.expected_batch_size,
             "plan": dataclasses.asdict(self.plan),
+            "sampler": _sampler_state(self.loader),
+            "journal": None
+            if self.journal is None
+            else {"run": self.journal.run_id, "records": self.journal.records},
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -130,12 +150,12 @@ def make_private(
     target_epsilon: float,
     target_delta: float,
     steps: int,
-    num_directions: int,
-    clip_norm: float,
+    num_directions: int | Callable[[int], int],
+    clip_norm: float | Callable[[int], float],
     lr: float,
     expected_batch_size: float | None = None,
     sample_rate: float | None = None,
-    perturbation_scale: float = 1e-3,
+    perturbation_scale: float | Callable[[int], float] = 1e-3,
     size_fraction: float = 0.05,
     weight_decay: float = 0.0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -143,7 +163,13 @@ def make_private(
     noise_seed: int | None = None,
     sampling_generator: Any = None,
     checkpoint: str | os.PathLike | dict[str, Any] | None = None,
+    journal: str | os.PathLike | None = None,
     process_group: Any = None,
+    perturbation: str = "auto",
+    directions: str = "gaussian",
+    difference: str = "central",
+    mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+    batched_directions: int | None = None,
     **loader_kwargs: Any,
 ) -> PrivateTraining:
     """Set up a private DP-AggZO run on ``dataset`` that is (target ε, target δ)-DP after ``steps``.
@@ -166,13 +192,27 @@ def make_private(
         target_epsilon, target_delta: the budget (ε > 0, δ in (0, 1)).
         steps: number of steps T.
         num_directions, clip_norm, lr, perturbation_scale, weight_decay, seed, noise_seed: passed
-            to :class:`DPAggZO`.
+            to :class:`DPAggZO`; ``num_directions``, ``clip_norm`` and ``perturbation_scale`` may
+            be schedules (DP-ZOSO, e.g. :class:`~zoprivacy.schedules.Stagewise`). σ is the
+            calibrated constant (the calibration assumes one σ for every step).
+        perturbation, directions, difference, mask, batched_directions: the speed and DP-ZOPO
+            options of :class:`DPAggZO`, passed to it. On resume the checkpoint's values win (as
+            for the constants above); a schedule or mask passed with ``checkpoint`` is checked
+            against the checkpoint's (library schedules and masks are saved in it and restored
+            when none is passed; any other callable must be passed again).
         expected_batch_size, sample_rate: exactly one of them.
         collate_fn, sampling_generator, loader_kwargs: passed to :func:`poisson_loader`
             (``sampling_generator=None`` draws batches from OS entropy).
         checkpoint: a path or state from :meth:`PrivateTraining.save` to resume from: nothing is
             re-released, the accountant and optimizer continue, and the loader yields the steps
             left.
+        journal: path of a write-ahead journal (:mod:`zoprivacy.journal`; recommended for any run
+            that checkpoints less often than every step). Every step is recorded on disk before
+            it touches data, and its release S_t before its update, so a resume (from
+            ``checkpoint``, or from scratch with the same initial model if the run died before
+            its first checkpoint) replays the steps that ran after the checkpoint instead of
+            releasing them again, reuses the recorded ñ, and charges a step that died mid-way
+            as spent. A resumed run that had a journal must be given it again.
         process_group: None (one process) or a ``torch.distributed`` process group, to run data
             parallel (e.g. under ``torchrun``): every rank passes the same model weights and the
             *whole* dataset; group rank 0 alone releases ñ and broadcasts it (every rank's
@@ -187,6 +227,10 @@ def make_private(
     """
     params = _trainable(model_or_params)
     n = len(dataset)
+    if journal is not None and process_group is not None:
+        raise ValueError(
+            "journal= is not supported with process_group yet: checkpoint every step instead"
+        )
     if checkpoint is not None:
         return _resume(
             params,
@@ -196,6 +240,19 @@ def make_private(
             sampling_generator,
             loader_kwargs,
             process_group,
+            journal,
+            {
+                **{
+                    name: value
+                    for name, value in (
+                        ("num_directions", num_directions),
+                        ("clip_norm", clip_norm),
+                        ("perturbation_scale", perturbation_scale),
+                    )
+                    if callable(value)
+                },
+                "mask": mask,
+            },
         )
     eps = check.epsilon(target_epsilon, "target_epsilon")
     delta = check.delta(target_delta, "target_delta")
@@ -219,12 +276,24 @@ def make_private(
     # The size release is charged to an unbudgeted accountant first: the budget is attached once
     # the calibration (which spends the rest of ε on the steps) is known.
     accountant = RDPAccountant()
-    if process_group is not None:  # rank 0 releases ñ once, every rank is charged and gets it
+    log, recorded = _open_fresh_journal(journal, params)
+    reopened = log is not None and log.records > 1  # a run that died before its first checkpoint
+    if recorded is not None:  # the run died before its first checkpoint: reuse its ñ
+        noisy_n, recorded_psi = recorded
+        if psi is None or recorded_psi != psi:
+            raise JournalError(
+                f"the journal's size release used laplace_scale={recorded_psi}, this call "
+                f"{psi}: resume with the same target_epsilon and size_fraction"
+            )
+        accountant.release_size(psi)
+    elif process_group is not None:  # rank 0 releases ñ once, every rank is charged and gets it
         noisy_n = release_size_distributed(
             n, psi, accountant=accountant, process_group=process_group
         )
     elif psi is not None:
         noisy_n = release_size(n, psi, accountant=accountant)
+        if log is not None:
+            log.size(noisy_n, psi)
     else:
         noisy_n = float(n)
     if expected_batch_size is not None:
@@ -250,19 +319,108 @@ def make_private(
         accountant=budgeted,
         sample_rate=q,
         process_group=process_group,
+        perturbation=perturbation,
+        directions=directions,
+        difference=difference,
+        mask=mask,
+        batched_directions=batched_directions,
     )
-    loader = _loader(dataset, q, t, collate_fn, sampling_generator, process_group, loader_kwargs)
-    return PrivateTraining(
-        optimizer, loader, budgeted, plan, noisy_n, q, b, _flat(optimizer), process_group
+    recovery = None
+    if log is not None:
+        if reopened:  # replay what ran before the crash
+            recovery = recover(optimizer, log, 2 if recorded is not None else 1)
+        optimizer.attach_journal(log)
+    training = PrivateTraining(
+        optimizer,
+        None,  # type: ignore[arg-type]
+        budgeted,
+        plan,
+        noisy_n,
+        q,
+        b,
+        _flat(optimizer),
+        process_group,
+        log,
+        recovery,
+    )
+    training.loader = _loader(
+        dataset,
+        q,
+        training.steps_left,
+        collate_fn,
+        sampling_generator,
+        process_group,
+        loader_kwargs,
+        position=optimizer.steps_taken,
+    )
+    _warn_abandoned(training)
+    return training
+
+
+def _open_fresh_journal(
+    path: str | os.PathLike | None, params: list[Any]
+) -> tuple[StepJournal | None, tuple[float, float] | None]:
+    """A new run's journal: created, or (if a run with the same initial parameters died before
+    its first checkpoint) reopened, with its recorded size release."""
+    if path is None:
+        return None, None
+    digest = params_digest(_tensors(params))
+    if Path(path).exists() and Path(path).stat().st_size > 0:
+        log = StepJournal.open(path)
+        if log.digest != digest:
+            raise JournalError(
+                f"journal {path} belongs to a run that started from other parameters: pass that "
+                "run's checkpoint=, or use a new journal path for a new run"
+            )
+        return log, log.size_release()
+    return StepJournal.create(path, digest=digest), None
+
+
+def _tensors(params: list[Any]) -> list[torch.Tensor]:
+    flat = [p for p in params if not isinstance(p, dict)] or [
+        p for g in params for p in g["params"]
+    ]
+    return [p for p in flat if p.requires_grad]
+
+
+def _warn_abandoned(training: PrivateTraining) -> None:
+    rec = training.recovery
+    if rec is None or rec.abandoned == 0:
+        return
+    planned = training.plan.steps - training.steps_done
+    warnings.warn(
+        f"the journal shows {rec.abandoned} step(s) that died mid-way (steps "
+        f"{list(rec.abandoned_steps)}); they read data, so each was charged as spent "
+        f"(ε now {training.epsilon_spent():.4g}). The budget allows {training.steps_left} of the "
+        f"{planned} planned steps left.",
+        AbandonedStepWarning,
+        stacklevel=3,
     )
 
 
-def _loader(dataset, q, steps, collate_fn, generator, process_group, loader_kwargs):
+class AbandonedStepWarning(UserWarning):
+    """A resume found steps that died mid-way; they were charged to the accountant."""
+
+
+def _sampler_state(loader: Any) -> dict[str, Any] | None:
+    sampler = getattr(loader, "batch_sampler", None)
+    state = getattr(sampler, "state_dict", None)
+    return state() if callable(state) else None
+
+
+def _loader(
+    dataset, q, steps, collate_fn, generator, process_group, loader_kwargs, *, position, state=None
+):
     if process_group is None:
-        return poisson_loader(
+        loader = poisson_loader(
             dataset, q, steps=steps, collate_fn=collate_fn, generator=generator, **loader_kwargs
         )
-    return distributed_poisson_loader(
+        if state is not None:  # a seeded run continues its batches; OS entropy draws a new key
+            loader.batch_sampler.load_state_dict(state, position=position)
+        else:
+            loader.batch_sampler.position = position
+        return loader
+    loader = distributed_poisson_loader(
         dataset,
         q,
         steps=steps,
@@ -271,13 +429,30 @@ def _loader(dataset, q, steps, collate_fn, generator, process_group, loader_kwar
         generator=generator,
         **loader_kwargs,
     )
+    # Each rank's stream is keyed by its rank (and, seeded, by the same seed again on resume):
+    # continuing at the step count reproduces a seeded run's batches on the same world size.
+    local = getattr(loader.batch_sampler, "_local", None)
+    if local is not None:
+        local.position = position
+    return loader
 
 
 def _flat(optimizer: DPAggZO) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
-def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, process_group):
+def _resume(
+    params,
+    dataset,
+    checkpoint,
+    collate_fn,
+    generator,
+    loader_kwargs,
+    process_group,
+    journal,
+    options=None,  # schedules (callables) and mask passed to make_private, checked on load
+):
+    options = options or {}
     state = checkpoint
     if not isinstance(state, dict):
         state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
@@ -289,10 +464,7 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, p
     accountant = RDPAccountant()
     accountant.load_state_dict(state["accountant"])
     saved = state["params"]
-    flat = [p for p in params if not isinstance(p, dict)] or [
-        p for g in params for p in g["params"]
-    ]
-    trainable = [p for p in flat if p.requires_grad]
+    trainable = _tensors(params)
     if len(saved) != len(trainable) or any(
         s.shape != p.shape for s, p in zip(saved, trainable, strict=True)
     ):
@@ -300,6 +472,7 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, p
             "checkpoint parameters do not match the model's trainable parameters (count or "
             "shapes differ): resume with the same model and the same trainable selection"
         )
+    log = _resume_journal(state.get("journal"), journal, saved)  # checked before any write
     zo = state["optimizer"]["zoprivacy"]
     with torch.no_grad():  # before DPAggZO, which checks the parameters across ranks
         for p, s in zip(trainable, saved, strict=True):
@@ -307,31 +480,30 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, p
     optimizer = DPAggZO(
         params,
         float(state["optimizer"]["param_groups"][0]["lr"]),
-        num_directions=zo["num_directions"],
-        clip_norm=zo["clip_norm"],
+        num_directions=options.get("num_directions", zo["num_directions"]),
+        clip_norm=options.get("clip_norm", zo["clip_norm"]),
         noise_multiplier=zo["noise_multiplier"],
         expected_batch_size=zo["expected_batch_size"],
-        perturbation_scale=zo["perturbation_scale"],
+        perturbation_scale=options.get("perturbation_scale", zo["perturbation_scale"]),
         seed=zo["seed"],
         noise_seed=None,  # the checkpoint decides: OS entropy, or the saved seeded state
         accountant=accountant,
         sample_rate=zo["sample_rate"],
         process_group=process_group,
+        # the path, directions, difference and batching are the checkpoint's (load_state_dict);
+        # a mask or schedule passed here is verified against the checkpoint's, or kept
+        mask=options.get("mask"),
     )
     optimizer.load_state_dict(state["optimizer"])
-    left = plan.steps - optimizer.steps_taken
-    loader = _loader(
-        dataset,
-        state["sample_rate"],
-        max(left, 0),
-        collate_fn,
-        generator,
-        process_group,
-        loader_kwargs,
-    )
-    return PrivateTraining(
+    recovery = None
+    if log is not None:
+        info = state.get("journal")
+        if info is not None:
+            recovery = recover(optimizer, log, int(info["records"]))
+        optimizer.attach_journal(log)
+    training = PrivateTraining(
         optimizer,
-        loader,
+        None,  # type: ignore[arg-type]
         accountant,
         plan,
         state["noisy_dataset_size"],
@@ -339,4 +511,47 @@ def _resume(params, dataset, checkpoint, collate_fn, generator, loader_kwargs, p
         state["expected_batch_size"],
         _flat(optimizer),
         process_group,
+        log,
+        recovery,
     )
+    training.loader = _loader(
+        dataset,
+        state["sample_rate"],
+        training.steps_left,
+        collate_fn,
+        generator,
+        process_group,
+        loader_kwargs,
+        position=optimizer.steps_taken,
+        state=state.get("sampler"),
+    )
+    _warn_abandoned(training)
+    return training
+
+
+def _resume_journal(
+    info: dict[str, Any] | None, path: str | os.PathLike | None, saved: list[torch.Tensor]
+) -> StepJournal | None:
+    """The journal of a resumed run: the checkpoint's (which must be given back), or a new one."""
+    if info is None:
+        if path is None:
+            return None
+        # a checkpoint taken without a journal: start one from the checkpoint's parameters
+        return StepJournal.create(path, digest=params_digest(saved))
+    if path is None:
+        raise JournalError(
+            "this run kept a write-ahead journal: pass journal=<its path> to resume it (without "
+            "it, the steps that ran after this checkpoint would be released a second time)"
+        )
+    log = StepJournal.open(path)
+    if log.run_id != info["run"]:
+        raise JournalError(
+            f"journal {path} belongs to another run (run id {log.run_id}, the checkpoint's is "
+            f"{info['run']}): pass this run's journal"
+        )
+    if log.records < int(info["records"]):
+        raise JournalError(
+            f"journal {path} has {log.records} records but the checkpoint was taken at record "
+            f"{info['records']}: the journal was truncated or replaced; restore it"
+        )
+    return log

@@ -99,6 +99,14 @@ class RDPAccountant:
             "released: stop here, or start a new run with a larger budget or more noise."
         )
 
+    def steps_allowed(self, *, noise_multiplier: float, sample_rate: float) -> int | None:
+        """How many more steps with (σ, q) the budget allows (None: no budget)."""
+        if self.budget is None:
+            return None
+        sigma = _validate.noise_multiplier(noise_multiplier)
+        q = _validate.sample_rate(sample_rate)
+        return self._steps_allowed(self._step_rdp(sigma, q))
+
     def _steps_allowed(self, per_step: np.ndarray) -> int:
         """Largest m such that m more identical steps stay within the budget (bisection)."""
         eps_budget, delta = self.budget  # type: ignore[misc]
