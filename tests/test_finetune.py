@@ -216,6 +216,53 @@ def test_interrupt_then_resume_finishes_the_same_run(tmp_path, monkeypatch, caps
     assert "already holds a run" in capsys.readouterr().err
 
 
+class _HardKill(BaseException):
+    """Stands for SIGKILL: the process dies at once, nothing after it runs."""
+
+
+def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path, monkeypatch):
+    real_step, real_save = _train.ZerothOrderTrainer.step, _train.ZerothOrderTrainer.save
+    dead = {"now": False}
+
+    def step_then_die(self, batch):
+        result = real_step(self, batch)
+        if self.steps_done == 3:  # step 3 ran and was released; its checkpoint is never written
+            dead["now"] = True
+            raise _HardKill
+        return result
+
+    def save_unless_dead(self, path):
+        if not dead["now"]:
+            real_save(self, path)
+
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", step_then_die)
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "save", save_unless_dead)
+    with pytest.raises(_HardKill):
+        finetune_cli(tmp_path, "--directions", "2", "--checkpoint-every", "2")
+    out = tmp_path / "run"
+    assert checkpoint_of(out)["training"]["optimizer"]["zoprivacy"]["step"] == 2
+    records = [json.loads(r) for r in (out / "journal.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "release"] == [0, 1, 2]
+
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", real_step)
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "save", real_save)
+    calls = []
+    real_losses = _setup.Classifier.losses
+
+    def counted(self, batch):
+        calls.append(1)
+        return real_losses(self, batch)
+
+    monkeypatch.setattr(_setup.Classifier, "losses", counted)
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress"]) == 0
+    assert len(calls) == 2 * 2  # only step 4 read data: step 3 was replayed from its release
+    report = read_report(out)
+    assert report["steps"] == 4 and report["abandoned_steps_charged"] == 0
+    history = checkpoint_of(out)["training"]["accountant"]["history"]
+    assert [h["mechanism"] for h in history] == ["laplace", "subsampled_gaussian"]
+    assert history[1]["steps"] == 4  # each step charged once
+
+
 @pytest.mark.parametrize("method", ["dpzo", "mezo", "dpadamw", "adamw"])
 def test_each_method_runs_on_the_tiny_configuration(tmp_path, method):
     code, out = finetune_cli(tmp_path, "--method", method, "--no-pld")

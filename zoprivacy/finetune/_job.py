@@ -32,6 +32,17 @@ from zoprivacy.accounting import PrivacyBudgetExceeded, compute_epsilon
 from zoprivacy.tasks import TensorDictDataset
 
 from . import _outputs as out
+from ._options import (
+    FLAGS,
+    STEP_DEFAULTS,
+    ZO_METHODS,
+    add_step_arguments,
+    given_step_options,
+    resolve_stages,
+    step_defaults,
+    step_report,
+    validate_step_options,
+)
 from ._setup import (
     MODELS,
     TASK_DEFAULTS,
@@ -61,6 +72,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "threads": 1,
     "seed": 0,
     "train_per_class": 512,
+    "validation_size": 0,
     "checkpoint_every": 100,
 }
 
@@ -98,8 +110,19 @@ RUN_OPTIONS = (
     "max_length",
     "train_per_class",
     "test_size",
+    "validation_size",
     "cache",
+    # step options of the zeroth-order methods (None for the others): see _options.py
+    "direction_distribution",
+    "difference",
+    "perturbation",
+    "batched_directions",
+    "mask",
+    "stages",
 )
+
+#: Run options added after the first release: their value when an older config.json lacks them.
+_ADDED_OPTIONS: dict[str, Any] = {"validation_size": 0}
 
 
 @dataclasses.dataclass
@@ -123,7 +146,14 @@ class FinetuneConfig:
     max_length: int
     train_per_class: int
     test_size: int
+    validation_size: int
     cache: bool
+    direction_distribution: str | None
+    difference: str | None
+    perturbation: str | None
+    batched_directions: int | None
+    mask: dict[str, Any] | None
+    stages: list[dict[str, Any]] | None
     output: str
     threads: int
     checkpoint_every: int
@@ -188,6 +218,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-length", type=int, help="tokens per record (rotten_tomatoes 64, bbc_news 128)")
     a("--train-per-class", type=int, help="training records per class (default 512)")
     a("--test-size", type=int, help="held-out test records (rotten_tomatoes 1000, bbc_news 500)")
+    a(
+        "--validation-size",
+        type=int,
+        help="records carved from the training data (public seed) for model selection; the "
+        "private run does not train on them and report.json gives their accuracy, which the "
+        "privacy guarantee does not cover (default 0: none)",
+    )
     a("--output", metavar="DIR", help="output folder (default runs/<timestamp>)")
     a("--resume", action="store_true", help="continue the interrupted run in --output DIR")
     a("--no-pld", action="store_true", help="skip the PLD accountant's ε (faster)")
@@ -198,6 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--checkpoint-every", type=int, help="save a checkpoint every N steps (default 100)")
     a("--no-progress", action="store_true", help="no progress bar")
+    add_step_arguments(parser.add_argument_group("zeroth-order step options (dpaggzo, dpzo, mezo)"))
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -231,8 +269,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The run options the user gave explicitly (argparse defaults are all None)."""
-    given = {k: getattr(args, k, None) for k in RUN_OPTIONS if k != "cache"}
+    given = {k: getattr(args, k, None) for k in RUN_OPTIONS if k != "cache" and k not in FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
+    given.update(given_step_options(args))
     if getattr(args, "no_cache", False):
         given["cache"] = False
     return given
@@ -250,13 +289,18 @@ def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
         if not path.exists():
             raise SetupError(f"--resume: {path} not found; is {output} a zoprivacy finetune run?")
         saved = out.read_json(path)
+        for key, default in STEP_DEFAULTS.items():  # a run saved before these options existed
+            if key not in saved:
+                saved[key] = default if saved.get("method") in ZO_METHODS else None
+        if "stages" in given and saved.get("method") in ZO_METHODS:
+            given["stages"] = resolve_stages(given["stages"], saved)  # the saved (resolved) form
         for key, value in given.items():
             if key in saved and saved[key] != value:
                 raise SetupError(
                     f"--resume continues the saved run: --{key.replace('_', '-')} {value!r} "
                     f"differs from its {saved[key]!r} (drop the option or use a new --output)"
                 )
-        values = {k: saved[k] for k in RUN_OPTIONS}
+        values = {k: saved[k] if k in saved else _ADDED_OPTIONS[k] for k in RUN_OPTIONS}
     else:
         values = _defaults(given)
     if not output:
@@ -317,6 +361,7 @@ def _defaults(given: dict[str, Any]) -> dict[str, Any]:
         values["test_size"] = TASK_DEFAULTS[task]["test_size"]
     if values["cache"] is None:
         values["cache"] = True
+    step_defaults(values, given)
     return values
 
 
@@ -360,9 +405,11 @@ def validate(cfg: FinetuneConfig) -> None:
     need(cfg.max_length >= 8, f"--max-length must be >= 8, got {cfg.max_length}")
     need(cfg.train_per_class >= 1, f"--train-per-class must be >= 1, got {cfg.train_per_class}")
     need(cfg.test_size >= 1, f"--test-size must be >= 1, got {cfg.test_size}")
+    need(cfg.validation_size >= 0, f"--validation-size must be >= 0, got {cfg.validation_size}")
     need(cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
     need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {cfg.checkpoint_every}")
     parse_trainable(cfg.trainable)
+    validate_step_options(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +483,11 @@ def _run(args: argparse.Namespace, started: float) -> int:
 
     _say(f"zoprivacy finetune: {cfg.method} on {cfg.model}/{cfg.task}, output {root}")
     task = load_task(
-        cfg.task, per_class_train=cfg.train_per_class, test_size=cfg.test_size, seed=cfg.seed
+        cfg.task,
+        per_class_train=cfg.train_per_class,
+        test_size=cfg.test_size,
+        validation_size=cfg.validation_size,
+        seed=cfg.seed,
     )
     classifier = load_classifier(
         cfg.model, task, trainable=cfg.trainable, max_length=cfg.max_length, seed=cfg.seed
@@ -471,6 +522,12 @@ def _run(args: argparse.Namespace, started: float) -> int:
         epsilon=cfg.epsilon,
         delta=cfg.delta,
         seed=cfg.seed,
+        direction_distribution=cfg.direction_distribution or "gaussian",
+        difference=cfg.difference or "central",
+        perturbation=cfg.perturbation or "auto",
+        batched_directions=cfg.batched_directions,
+        mask=cfg.mask,
+        stages=cfg.stages or [],
     )
     checkpoint = None
     if resume and checkpoint_path.exists():
@@ -482,7 +539,9 @@ def _run(args: argparse.Namespace, started: float) -> int:
             raise SetupError(f"{checkpoint_path} is not a checkpoint of this run")
 
     with GracefulStop() as stop:
-        trainer = make_trainer(classifier, dataset, settings, checkpoint=checkpoint)
+        trainer = make_trainer(
+            classifier, dataset, settings, checkpoint=checkpoint, journal=root / out.JOURNAL_FILE
+        )
         if checkpoint is None:
             trainer.save(checkpoint_path)  # ñ is released: record it before any step
         history = out.History(root, keep_steps_below=trainer.steps_done)
@@ -618,7 +677,7 @@ def _finish(
                 eps_pld = compute_epsilon(
                     noise_multiplier=privacy["noise_multiplier"],
                     sample_rate=privacy["sample_rate"],
-                    steps=steps,
+                    steps=steps + privacy.get("abandoned_steps_charged", 0),
                     delta=cfg.delta,
                     laplace_scale=privacy["laplace_scale"],
                     accountant="pld",
@@ -653,12 +712,16 @@ def _finish(
         "perturbation_scale": cfg.perturbation_scale
         if cfg.method in ("dpaggzo", "dpzo", "mezo")
         else None,
+        **step_report(cfg, trainer),  # directions, difference, path, mask, stages
         "steps": steps,
         "steps_planned": cfg.steps,
+        "abandoned_steps_charged": privacy.get("abandoned_steps_charged"),
         "stopped_early": stopped_early,
         "test_accuracy_before": before,
         "test_accuracy_after": after,
         "test_records": len(task.test_texts),
+        "validation_accuracy": _validation_accuracy(classifier, task),
+        "validation_records": len(task.validation_texts),
         "wall_seconds": wall,
         "wall_seconds_all_sessions": sum(s.get("wall_seconds", 0.0) for s in sessions[:-1]) + wall,
         "peak_memory_mib": peak_memory_mib(),
@@ -691,12 +754,24 @@ def _finish(
             f"every record of the training split ({cfg.train_per_class} per class at most, "
             f"drawn with the public seed {cfg.seed} from the packaged {cfg.task} data);"
         ]
+        if task.validation_texts:
+            covered.append(
+                f"not the {len(task.validation_texts)} validation records (excluded from "
+                "training): their accuracy in report.json is released without privacy;"
+            )
         card = out.model_card(report, _load_snippet(cfg, task.num_labels), covered)
         out.write_text(root / out.CARD_FILE, card)
         report["files"]["model_card"] = out.CARD_FILE
     out.write_json(root / out.REPORT_FILE, report)
     _print_summary(report, root)
     return 0
+
+
+def _validation_accuracy(classifier: Classifier, task: Any) -> float | None:
+    """Accuracy on the validation split (``None`` without ``--validation-size``)."""
+    if not task.validation_texts:
+        return None
+    return classifier.accuracy(classifier.encode(task.validation_texts, task.validation_labels))
 
 
 def _print_summary(report: dict[str, Any], root: Path) -> None:

@@ -42,6 +42,7 @@ REPORT_FILE = "report.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+JOURNAL_FILE = "journal.jsonl"  # write-ahead journal of the private zeroth-order methods
 DIAGNOSTICS_DIR = "diagnostics"
 HISTORY_FILE = f"{DIAGNOSTICS_DIR}/history.jsonl"
 PLOT_FILE = f"{DIAGNOSTICS_DIR}/training.png"
@@ -209,6 +210,70 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _clip_norms(r: Mapping[str, Any]) -> str:
+    """c, or c per DP-ZOSO stage (each step's sensitivity is its own c, noise σ·c)."""
+    stages = r.get("stages") or []
+    norms = [(s["from_step"], s["clip_norm"]) for s in stages]
+    if len({c for _, c in norms}) <= 1:
+        return _fmt(r["clip_norm"])
+    return ", ".join(f"{_fmt(c)} from step {start}" for start, c in norms)
+
+
+def _step_lines(r: Mapping[str, Any]) -> list[str]:
+    """The zeroth-order step of the run (directions, difference, path, mask, stages)."""
+    if r.get("direction_distribution") is None:
+        return []
+    difference = {
+        "central": "central differences (L(θ+φz) − L(θ−φz))/2φ",
+        "forward": "forward differences (L(θ+φz) − L(θ))/φ",
+    }.get(r["difference"], str(r["difference"]))
+    lines = [
+        "",
+        "## Zeroth-order step",
+        "",
+        f"- {r['direction_distribution']} directions, {difference}; perturbation path "
+        f"`{r.get('perturbation_path')}` (requested `{r['perturbation']}`)"
+        + (
+            f", {r['batched_directions']} directions per batched call"
+            if r.get("batched_directions")
+            else ""
+        )
+        + ";",
+    ]
+    mask = r.get("mask")
+    if mask:
+        if mask["type"] == "magnitude":
+            which = "largest" if mask["largest"] else "smallest"
+            text = (
+                f"DP-ZOPO magnitude mask: each step perturbs and updates the "
+                f"{_fmt(100 * mask['density'], 3)}% of each tensor's coordinates with the "
+                f"{which} |θ| (computed from the current weights, a post-processing of public "
+                "values);"
+            )
+        else:
+            text = (
+                f"DP-ZOPO random mask: each coordinate kept with probability "
+                f"{_fmt(mask['density'])}, drawn from the public seed {mask.get('seed')} and "
+                f"redrawn every {mask['every']} steps;"
+            )
+        lines.append(f"- {text}")
+    stages = r.get("stages")
+    if stages:
+        parts = []
+        for s in stages:
+            fields = [f"K = {s['directions']}"]
+            if s.get("clip_norm") is not None:
+                fields.append(f"c = {_fmt(s['clip_norm'])}")
+            fields += [f"η = {_fmt(s['lr'])}", f"φ = {_fmt(s['perturbation_scale'])}"]
+            parts.append(f"from step {s['from_step']}: " + ", ".join(fields))
+        lines.append(
+            "- DP-ZOSO stages (σ is the same calibrated constant in every stage): "
+            + "; ".join(parts)
+            + "."
+        )
+    return lines
+
+
 def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[str]) -> str:
     """The model card (Markdown) of a finished run."""
     r = report
@@ -253,7 +318,7 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
             "included in ε;",
             f"- {r['steps']} Poisson-subsampled Gaussian steps with sample rate q = "
             f"{_fmt(r['sample_rate'])}, noise multiplier σ = {_fmt(r['noise_multiplier'])} and "
-            f"clip norm c = {_fmt(r['clip_norm'])}; batches were drawn and the noise was "
+            f"clip norm c = {_clip_norms(r)}; batches were drawn and the noise was "
             "generated from OS entropy.",
             "",
             "What is public (not protected, and not needed to be): the pre-trained model and "
@@ -272,6 +337,7 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
             f"**None.** `{r['method']}` is not differentially private: the weights can reveal "
             "the training records. Use `--method dpaggzo`, `dpzo` or `dpadamw` for a private run.",
         ]
+    lines += _step_lines(r)
     lines += [
         "",
         "## Files",

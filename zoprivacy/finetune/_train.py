@@ -13,6 +13,12 @@ release of ñ = n + Lap(ψ) (once), q = b/ñ, σ from :func:`zoprivacy.accountin
 budgeted :class:`~zoprivacy.accounting.RDPAccountant` charged once per step *before* the step
 touches its batch. ``dpaggzo``/``dpzo`` get all of this from :func:`zoprivacy.make_private`;
 ``dpadamw`` builds the same pieces around Opacus's ``GradSampleModule`` and ``DPOptimizer``.
+
+The zeroth-order trainers pass the step options (directions, difference, perturbation path,
+batched directions, DP-ZOPO mask, DP-ZOSO stages; :mod:`zoprivacy.finetune._options`) to the
+optimizer: K, c and φ stages become :class:`~zoprivacy.schedules.Stagewise` schedules of the
+optimizer (saved in its checkpoint and verified on resume), the learning-rate stages set the
+param groups' lr before each step. σ is the calibrated constant of every step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from zoprivacy.optimizer import NotPrivateWarning
 from zoprivacy.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
 
+from ._options import build_mask, schedule
 from ._setup import Classifier
 
 PRIVATE_METHODS = ("dpaggzo", "dpzo", "dpadamw")
@@ -60,6 +67,12 @@ class TrainSettings:
     epsilon: float
     delta: float
     seed: int
+    direction_distribution: str = "gaussian"
+    difference: str = "central"
+    perturbation: str = "auto"
+    batched_directions: int | None = None
+    mask: dict[str, Any] | None = None  # config.json form (_options.parse_mask)
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # resolved stages
 
 
 def _diag(
@@ -93,29 +106,46 @@ class ZerothOrderTrainer:
         settings: TrainSettings,
         *,
         checkpoint: dict[str, Any] | None = None,
+        journal: Any = None,
     ) -> None:
         self.classifier = classifier
         self.settings = settings
         self.private = settings.method in PRIVATE_METHODS
+        self.last_stats: Any = None  # the StepStats of the last step (public fields: the path...)
         params = classifier.trainable_parameters()
+        stages = settings.stages
+        k = 1 if settings.method == "dpzo" else settings.directions
+        num_directions = schedule(stages, "directions", k)
+        perturbation_scale = schedule(stages, "perturbation_scale", settings.perturbation_scale)
+        self.lr_schedule = schedule(stages, "lr", settings.lr)
+        if not callable(self.lr_schedule):
+            self.lr_schedule = None
+        options: dict[str, Any] = {
+            "perturbation": settings.perturbation,
+            "directions": settings.direction_distribution,
+            "difference": settings.difference,
+            "mask": build_mask(settings.mask, settings.seed),
+            "batched_directions": settings.batched_directions,
+        }
         if self.private:
-            k = 1 if settings.method == "dpzo" else settings.directions
             self.run = make_private(
                 params,
                 dataset,
                 target_epsilon=settings.epsilon,
                 target_delta=settings.delta,
                 steps=settings.steps,
-                num_directions=k,
-                clip_norm=settings.clip_norm,
+                num_directions=num_directions,
+                clip_norm=schedule(stages, "clip_norm", settings.clip_norm),
                 lr=settings.lr,
                 expected_batch_size=settings.batch_size,
-                perturbation_scale=settings.perturbation_scale,
+                perturbation_scale=perturbation_scale,
                 weight_decay=settings.weight_decay,
                 size_fraction=SIZE_FRACTION,
                 collate_fn=collate_trimmed,
                 seed=settings.seed,
                 checkpoint=None if checkpoint is None else checkpoint["training"],
+                journal=journal,
+                **options,
             )
             self.optimizer = self.run.optimizer
             self.loader = self.run.loader
@@ -128,10 +158,11 @@ class ZerothOrderTrainer:
                 self.optimizer = MeZO(
                     params,
                     settings.lr,
-                    num_directions=settings.directions,
-                    perturbation_scale=settings.perturbation_scale,
+                    num_directions=num_directions,
+                    perturbation_scale=perturbation_scale,
                     seed=settings.seed,
                     weight_decay=settings.weight_decay,
+                    **options,
                 )
             self.steps_total = settings.steps
             if checkpoint is not None:
@@ -150,16 +181,30 @@ class ZerothOrderTrainer:
     def steps_done(self) -> int:
         return self.optimizer.steps_taken
 
-    def step(self, batch: Any) -> dict[str, float]:
+    def step(self, batch: Any) -> dict[str, Any]:
         losses = self.classifier.losses
+        lr = None
+        if self.lr_schedule is not None:  # DP-ZOSO learning-rate stage of this step
+            lr = float(self.lr_schedule(self.optimizer.steps_taken))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         stats = self.optimizer.step(lambda: losses(batch))
-        return _diag(
+        self.last_stats = stats
+        diag: dict[str, Any] = _diag(
             stats.loss,
             stats.clip_fraction,
             stats.batch_clip_error,
             stats.max_clip_error,
             stats.batch_size,
         )
+        # public facts of the step (what the schedules and the path resolved to)
+        diag["num_directions"] = stats.num_directions
+        diag["perturbation_path"] = stats.perturbation_path
+        if self.settings.stages:
+            diag["lr"] = lr if lr is not None else float(self.optimizer.param_groups[0]["lr"])
+            diag["perturbation_scale"] = stats.perturbation_scale
+            diag["clip_norm"] = stats.clip_norm
+        return diag
 
     def save(self, path: Any) -> None:
         if self.private:
@@ -183,13 +228,16 @@ class ZerothOrderTrainer:
     def privacy(self) -> dict[str, Any]:
         if not self.private:
             return {"private": False, "sample_rate": self.sample_rate}
-        return _privacy_facts(
+        facts = _privacy_facts(
             self.run.plan,
             self.run.sample_rate,
             self.run.expected_batch_size,
             self.run.noisy_dataset_size,
             self.optimizer.clip_norm,
         )
+        # steps that died mid-way (found in the journal on a resume): charged, never applied
+        facts["abandoned_steps_charged"] = self.run.accountant.steps - self.optimizer.steps_taken
+        return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,12 +474,21 @@ def make_trainer(
     settings: TrainSettings,
     *,
     checkpoint: dict[str, Any] | None = None,
+    journal: Any = None,
 ) -> ZerothOrderTrainer | FirstOrderTrainer:
-    """The trainer for ``settings.method`` (not ``zeroshot``)."""
+    """The trainer for ``settings.method`` (not ``zeroshot``).
+
+    ``journal``: path of the write-ahead journal of a private zeroth-order run
+    (:mod:`zoprivacy.journal`; steps between checkpoints are replayed on resume, not re-released).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PredictableSamplingWarning)
         if settings.method in ZO_METHODS:
-            return ZerothOrderTrainer(classifier, dataset, settings, checkpoint=checkpoint)
+            if settings.method not in PRIVATE_METHODS:
+                journal = None
+            return ZerothOrderTrainer(
+                classifier, dataset, settings, checkpoint=checkpoint, journal=journal
+            )
         if settings.method in FIRST_ORDER_METHODS:
             return FirstOrderTrainer(classifier, dataset, settings, checkpoint=checkpoint)
     raise ValueError(f"method {settings.method!r} does not train")
