@@ -6,9 +6,13 @@ Protocol (README_utility.md has the full description and the results):
   stand-in), split once with the public seed 0 by :func:`zoprivacy.packaged.make_splits`: a fixed
   held-out test split (the ``zoprivacy finetune`` job's, same seed and size), a validation split
   carved from the rest, and up to 512 training records per class from what is left;
-* model: the packaged MiniLM classifier with only the classification head trainable; the frozen
-  encoder's pooled output is computed once per task (the job's frozen-prefix cache, checked
-  against the full model on test records) and every loss, gradient and accuracy reads it;
+* models (``--model``): the packaged MiniLM classifier with only the classification head
+  trainable (``minilm``), or SmolLM2-135M-Instruct answering with label words with only its final
+  norm trainable (``smollm2``, the job's default ``head``). The frozen prefix's output (MiniLM's
+  pooled output; SmolLM2's last decoder state at the answer position) is computed once per task
+  by the job's frozen-prefix cache (:meth:`~zoprivacy.finetune._setup.Classifier.build_cache`,
+  checked against the full model on test records) and every loss, gradient and accuracy reads
+  it;
 * methods: DP-AggZO (K = 16, 64), DPZO (K = 1), MeZO (K = 16), DP-AdamW (Opacus, the job's
   accounting: ψ = 1/(0.05 ε) for ñ, σ calibrated for q = b/ñ and T steps), AdamW and the
   untrained (zero-shot) head; δ = 1e-5, ε in {2, 6}, the non-private methods once;
@@ -26,6 +30,8 @@ skips the rows already there.
     python -m benchmarks.utility --tasks bbc_news --epsilons 2 --steps 1000
     python -m benchmarks.utility --figure5          # accuracy against K (Figure 5)
     python -m benchmarks.utility --quick --out /tmp/u
+    python -m benchmarks.utility --model smollm2 --tasks rotten_tomatoes --methods dpaggzo \
+        --ks 16 --epsilons 2 --seeds 0 --grid "dpaggzo=1.0"
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ SPLIT_SEED = 0  # the public split (the fixed test split of the finetune job)
 GRID_SEED = 0  # the seed the grid runs with; the other seeds reuse the selected value
 PER_CLASS_TRAIN = 512
 VALIDATION_SIZE = {"rotten_tomatoes": 200, "bbc_news": 200}
-MODEL = "minilm"
+MODELS = ("minilm", "smollm2")
+#: The trainable selection of each model (the ``zoprivacy finetune`` defaults).
+TRAINABLE = {"minilm": "classifier", "smollm2": "head"}
 ALL_TASKS = ("bbc_news", "rotten_tomatoes")
 ALL_METHODS = ("zeroshot", "dpaggzo", "dpzo", "mezo", "dpadamw", "adamw")
 ZO_K = {"dpaggzo": (64, 16), "dpzo": (1,), "mezo": (MEZO_K,)}
@@ -114,7 +122,8 @@ ROW_KEYS = (
 
 
 class TaskFeatures:
-    """One task's public split, encoded once through the frozen MiniLM encoder."""
+    """One task's public split (the job's :func:`load_task`), encoded once through the frozen
+    prefix of ``model`` with the job's public feature-cache helpers."""
 
     def __init__(
         self,
@@ -125,66 +134,54 @@ class TaskFeatures:
         test_size: int | None,
         max_length: int | None,
         cache_dir: Path | None,
+        model: str = "minilm",
     ) -> None:
-        from zoprivacy import packaged
-        from zoprivacy.finetune._setup import TASK_DEFAULTS, TaskData, load_classifier
+        from zoprivacy.finetune._setup import TASK_DEFAULTS, load_classifier, load_task
 
         self.task = task
+        self.model = model
         defaults = TASK_DEFAULTS[task]
         test_size = defaults["test_size"] if test_size is None else test_size
         max_length = defaults["max_length"] if max_length is None else max_length
-        loader = {
-            "rotten_tomatoes": packaged.load_rotten_tomatoes,
-            "bbc_news": packaged.load_bbc_news,
-        }[task]
-        data = loader()
-        splits = packaged.make_splits(
-            data.texts,
-            data.labels,
+        data = load_task(
+            task,
             per_class_train=per_class_train,
             test_size=test_size,
             validation_size=validation_size,
             seed=SPLIT_SEED,
         )
-        self.num_labels = len(data.label_names)
+        self.num_labels = data.num_labels
         self.sizes = {
-            "train": len(splits.train.texts),
-            "validation": len(splits.validation.texts),
-            "test": len(splits.test.texts),
+            "train": len(data.train_texts),
+            "validation": len(data.validation_texts),
+            "test": len(data.test_texts),
         }
-        info = TaskData(
-            task,
-            tuple(data.label_names),
-            splits.train.texts,
-            splits.train.labels,
-            splits.test.texts,
-            splits.test.labels,
-        )
         self.classifier = load_classifier(
-            MODEL, info, trainable="classifier", max_length=max_length, seed=GRID_SEED
+            model, data, trainable=TRAINABLE[model], max_length=max_length, seed=GRID_SEED
         )
-        key = f"{task}-{per_class_train}-{validation_size}-{test_size}-{max_length}-{SPLIT_SEED}"
-        path = None if cache_dir is None else cache_dir / f"features-{key}.pt"
         clf = self.classifier
-        test = clf.encode(splits.test.texts, splits.test.labels)
+        self._initial = clf.trainable_state()  # SmolLM2: the packaged final norm
+        key = f"{task}-{per_class_train}-{validation_size}-{test_size}-{max_length}-{SPLIT_SEED}"
+        if model != "minilm":  # (MiniLM files keep the name of the first runs)
+            key = f"{model}-{key}"
+        path = None if cache_dir is None else cache_dir / f"features-{key}.pt"
+        test = clf.encode(data.test_texts, data.test_labels)
         if path is not None and path.exists():
             self.features = torch.load(path, weights_only=True)
-            clf._cache_from = len(clf._layers())  # the head reads the cached pooled output
         else:
-            train = clf.encode(splits.train.texts, splits.train.labels)
-            val = clf.encode(splits.validation.texts, splits.validation.labels)
+            train = clf.encode(data.train_texts, data.train_labels)
+            val = clf.encode(data.validation_texts, data.validation_labels)
             clf.build_cache(train)
             if not clf.verify_cache(test):
-                raise RuntimeError(f"the frozen-prefix cache does not match MiniLM on {task}")
-            first = clf._cache_from
+                raise RuntimeError(f"the frozen-prefix cache does not match {model} on {task}")
             self.features = {
-                "train": {"hidden": clf._cache["hidden"], "labels": train["labels"]},
+                "train": {"hidden": clf.cached_features["hidden"], "labels": train["labels"]},
                 "validation": {
-                    "hidden": clf._prefix_outputs(val, first, batch_size=32)["hidden"],
+                    "hidden": clf.prefix_features(val, batch_size=32)["hidden"],
                     "labels": val["labels"],
                 },
                 "test": {
-                    "hidden": clf._prefix_outputs(test, first, batch_size=32)["hidden"],
+                    "hidden": clf.prefix_features(test, batch_size=32)["hidden"],
                     "labels": test["labels"],
                 },
             }
@@ -194,14 +191,14 @@ class TaskFeatures:
         # a check on every start (cached file or not): cached test logits == full model's
         probe = {k: v[:8] for k, v in test.items()}
         with torch.inference_mode():
-            full = clf._full_logits(probe)
-            fast = clf._suffix_logits({"hidden": self.features["test"]["hidden"][:8]})
+            full = clf.full_logits(probe)
+            fast = clf.suffix_logits({"hidden": self.features["test"]["hidden"][:8]})
         if not torch.allclose(full, fast, atol=1e-4, rtol=1e-4):
             raise RuntimeError("cached features differ from the full model; delete the cache")
         self._heads: dict[int, dict[str, torch.Tensor]] = {}
 
     def initial_head(self, seed: int) -> dict[str, torch.Tensor]:
-        """The packaged loader's head initialisation for ``seed`` (the job's --seed)."""
+        """The packaged loader's MiniLM head initialisation for ``seed`` (the job's --seed)."""
         if seed not in self._heads:
             from zoprivacy import packaged
 
@@ -210,6 +207,16 @@ class TaskFeatures:
             del net
         return self._heads[seed]
 
+    def reset(self, seed: int) -> None:
+        """Put the trainable tensors back to the job's starting point for ``seed``."""
+        clf = self.classifier
+        if self.model == "minilm":
+            clf.model.classifier.load_state_dict(self.initial_head(seed))
+        else:  # SmolLM2's trainable norm starts from the packaged weights, whatever the seed
+            _, unexpected = clf.model.load_state_dict(self._initial, strict=False)
+            assert not unexpected
+        clf.model.eval()
+
     def accuracy(self, split: str) -> float:
         feats = self.features[split]
         clf = self.classifier
@@ -217,7 +224,7 @@ class TaskFeatures:
         correct = 0
         with torch.inference_mode():
             for start in range(0, feats["labels"].shape[0], 512):
-                logits = clf._suffix_logits({"hidden": feats["hidden"][start : start + 512]})
+                logits = clf.suffix_logits({"hidden": feats["hidden"][start : start + 512]})
                 pred = logits.argmax(dim=-1)
                 correct += int((pred == feats["labels"][start : start + 512]).sum())
         return correct / feats["labels"].shape[0]
@@ -264,8 +271,7 @@ def run_one(
     from zoprivacy.tasks import TensorDictDataset
 
     clf = feats.classifier
-    clf.model.classifier.load_state_dict(feats.initial_head(seed))
-    clf.model.eval()
+    feats.reset(seed)
     before = feats.accuracy("test")
     _reset_peak_rss()
     started = time.monotonic()
@@ -318,7 +324,7 @@ def run_one(
         forward, backward = 0, 0
     return {
         "task": feats.task,
-        "model": MODEL,
+        "model": feats.model,
         "method": method,
         "K": k,
         "epsilon": epsilon,
@@ -395,6 +401,7 @@ def _cell(task, method, k, eps, steps, comparison) -> dict[str, Any]:
 
 def _key(row: dict[str, Any]) -> tuple:
     return (
+        row.get("model", "minilm"),
         row["task"],
         row["method"],
         row["K"],
@@ -467,7 +474,8 @@ def run_cells(
 
 def _matches(row: dict[str, Any], cell: dict[str, Any]) -> bool:
     return (
-        row["task"] == cell["task"]
+        row.get("model", "minilm") == cell.get("model", "minilm")
+        and row["task"] == cell["task"]
         and row["method"] == cell["method"]
         and row["K"] == cell["K"]
         and row["epsilon"] == cell["epsilon"]
@@ -479,6 +487,7 @@ def _matches(row: dict[str, Any], cell: dict[str, Any]) -> bool:
 def _run_or_skip(cell, seed, lr, rows, done, path, features, make_features, values, bar):
     lr_key = None if cell["method"] == "zeroshot" else lr
     key = (
+        cell.get("model", "minilm"),
         cell["task"],
         cell["method"],
         cell["K"],
@@ -532,19 +541,28 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if not r.get("selected"):
             continue
-        key = (r["task"], r["method"], r["K"], r["epsilon"], r["steps_planned"], r["comparison"])
+        key = (
+            r.get("model", "minilm"),
+            r["task"],
+            r["method"],
+            r["K"],
+            r["epsilon"],
+            r["steps_planned"],
+            r["comparison"],
+        )
         groups.setdefault(key, []).append(r)
     out = []
     for key, group in groups.items():
         acc = torch.tensor([g["test_accuracy"] for g in group], dtype=torch.float64)
         out.append(
             {
-                "task": key[0],
-                "method": key[1],
-                "K": key[2],
-                "epsilon": key[3],
-                "steps": key[4],
-                "comparison": key[5],
+                "model": key[0],
+                "task": key[1],
+                "method": key[2],
+                "K": key[3],
+                "epsilon": key[4],
+                "steps": key[5],
+                "comparison": key[6],
                 "lr": group[0]["lr"],
                 "seeds": sorted(g["seed"] for g in group),
                 "test_accuracy_mean": float(acc.mean()),
@@ -559,14 +577,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The selected cells as a markdown table (mean ± std of the test accuracy over seeds)."""
     lines = [
-        "| task | method | K | ε | T | comparison | lr (val.) | seeds | test acc. | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | method | K | ε | T | comparison | lr (val.) | seeds | test acc. "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = sorted(summarize(rows), key=_order)
     for s in summary:
         eps = "–" if s["epsilon"] is None else f"{s['epsilon']:g}"
+        k = s["K"] if s["K"] is not None else "–"
         lines.append(
-            f"| {s['task']} | {s['method']} | {s['K'] if s['K'] is not None else '–'} | {eps} "
+            f"| {s['model']} | {s['task']} | {s['method']} | {k} | {eps} "
             f"| {s['steps']} | {s['comparison']} | {s['lr'] if s['lr'] is not None else '–'} "
             f"| {len(s['seeds'])} | {s['test_accuracy_mean']:.3f} ± {s['test_accuracy_std']:.3f} "
             f"| {s['wall_seconds_mean']:.0f} |"
@@ -576,6 +596,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _order(s: dict[str, Any]) -> tuple:
     return (
+        MODELS.index(s.get("model", "minilm")),
         s["task"],
         s["comparison"] == "accuracy_vs_k",
         -1 if s["epsilon"] is None else s["epsilon"],
@@ -591,12 +612,22 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({s["task"] for s in summary})
-    if not tasks:
+    panels = sorted(
+        {(s["model"], s["task"]) for s in summary}, key=lambda m: (MODELS.index(m[0]), m[1])
+    )
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        items = [s for s in summary if s["task"] == task and s["comparison"] != "accuracy_vs_k"]
+    cols = min(2, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.5 * nrows), squeeze=False)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    for ax, (model, task) in zip(axes.flat, panels, strict=False):
+        items = [
+            s
+            for s in summary
+            if s["task"] == task and s["model"] == model and s["comparison"] != "accuracy_vs_k"
+        ]
         items = sorted(items, key=_order, reverse=True)  # barh draws bottom-up
         labels = [_label(s) for s in items]
         means = [s["test_accuracy_mean"] for s in items]
@@ -605,7 +636,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.set_yticks(range(len(items)), labels, fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("test accuracy (mean ± std over seeds)")
-        ax.set_title(f"MiniLM head, {task}")
+        ax.set_title(f"{model} {TRAINABLE[model]}, {task}")
         for i, m in enumerate(means):
             ax.text(min(m + 0.02, 0.9), i, f"{m:.3f}", va="center", fontsize=8)
     fig.tight_layout()
@@ -658,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.utility", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one cell, two steps (CI)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--model", default="minilm", choices=MODELS, help="default minilm")
     parser.add_argument("--tasks", default=",".join(ALL_TASKS))
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -727,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_size=test_size,
             max_length=max_length,
             cache_dir=cache_dir,
+            model=args.model,
         )
 
     path = args.out / f"{name}.json"
@@ -744,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
                 for k in ks.get("dpaggzo", FIGURE5_K)
             ]
+            for c in cell_list:
+                c["model"] = args.model
             lr = args.figure5_lr if args.figure5_lr is not None else grid["dpaggzo"][0]
             rows = run_cells(
                 cell_list,
@@ -759,6 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.comparisons:
                 wanted = set(args.comparisons.split(","))
                 cell_list = [c for c in cell_list if c["comparison"] in wanted]
+            for c in cell_list:
+                c["model"] = args.model
             rows = run_cells(
                 cell_list,
                 seeds,

@@ -7,13 +7,23 @@ sets. This module turns the command-line names into
 * a :class:`Classifier`: the model, its tokenizer, the chosen trainable parameters, and the
   per-record loss / logit functions the training loops call.
 
-Frozen-prefix cache (MiniLM only): when only the top of the network is trained (the head, or the
-head and the last N encoder layers), the frozen layers below compute the same hidden states at
-every step. :meth:`Classifier.build_cache` runs them once over the training records and keeps
-their output; each loss evaluation then runs only the trainable suffix. The losses are the same
-function of the trainable parameters and of each record as without the cache (checked on public
-test records before training, see :meth:`Classifier.verify_cache`), so privacy is unaffected; it
-is purely a speed-up (about 6x for ``head+last1``, several hundred times for ``head``).
+Frozen-prefix cache: when only the top of the network is trained (MiniLM: the head, or the head
+and the last N encoder layers; SmolLM2: the final norm, or it and the last N decoder layers, the
+tied embedding and so the label-word rows staying frozen), the frozen layers below compute the same
+hidden states at every step. :meth:`Classifier.build_cache` runs them once over the training
+records and keeps their output (:meth:`Classifier.prefix_features`); each loss evaluation then
+runs only the trainable suffix (:meth:`Classifier.suffix_logits`). The losses are the same function
+of the trainable parameters and of each record as without the cache (checked against
+:meth:`Classifier.full_logits` on public test records before training, see
+:meth:`Classifier.verify_cache`), so privacy is unaffected; it is purely a speed-up (about 6x for
+MiniLM ``head+last1``, several hundred times for ``head``; for SmolLM2 ``head`` a step no longer
+runs the 30 decoder layers 2K times).
+
+What the cache holds per record (:meth:`Classifier.prefix_features`): ``hidden``, the output of the
+last frozen layer, and, when trainable layers follow, ``attention_mask``. With only the head
+trainable this is one vector per record (MiniLM: the first token's state, or the pooled output
+when the pooler is frozen; SmolLM2: the last decoder layer's state at the answer position, before
+the final norm); otherwise the whole ``[L, H]`` sequence of the first trainable layer's input.
 """
 
 from __future__ import annotations
@@ -61,7 +71,12 @@ class SetupError(ValueError):
 
 @dataclasses.dataclass
 class TaskData:
-    """The public split of one packaged data set."""
+    """The public split of one packaged data set.
+
+    The three parts are disjoint; the validation part (empty unless ``validation_size`` was
+    given to :func:`load_task`) is carved from the records that are not in the test split, so
+    the training records exclude it, and the test split is the same with or without it.
+    """
 
     name: str
     label_names: tuple[str, ...]
@@ -69,14 +84,34 @@ class TaskData:
     train_labels: list[int]
     test_texts: list[str]
     test_labels: list[int]
+    validation_texts: list[str] = dataclasses.field(default_factory=list)
+    validation_labels: list[int] = dataclasses.field(default_factory=list)
+    #: indices into the packaged data set of each part (``train``, ``validation``, ``test``)
+    indices: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
-def load_task(name: str, *, per_class_train: int, test_size: int, seed: int) -> TaskData:
-    """Load a packaged data set and split it (stratified, seeded: the split is public)."""
+def load_task(
+    name: str, *, per_class_train: int, test_size: int, seed: int, validation_size: int = 0
+) -> TaskData:
+    """Load a packaged data set and split it (stratified, seeded: the split is public).
+
+    Args:
+        name: one of :data:`TASKS`.
+        per_class_train: cap on training records per class.
+        test_size: held-out test records.
+        seed: the public seed of the split.
+        validation_size: records carved (stratified) from the non-test records for model
+            selection; they are excluded from the training split. The test split does not
+            depend on it.
+
+    Raises:
+        SetupError: an unknown task, a missing package, sizes that do not fit the data set or
+            leave a part empty.
+    """
     if name not in TASKS:
         raise SetupError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     loader = {
@@ -84,11 +119,19 @@ def load_task(name: str, *, per_class_train: int, test_size: int, seed: int) -> 
         "bbc_news": packaged.load_bbc_news,
     }[name]
     data = _packaged_call(loader)
+    if validation_size < 0:
+        raise SetupError(f"--validation-size must be >= 0, got {validation_size}")
+    if test_size + validation_size >= len(data.texts):
+        raise SetupError(
+            f"--test-size {test_size} + --validation-size {validation_size} leave no training "
+            f"record of the {len(data.texts)} in {name}: lower one of them"
+        )
     splits = packaged.make_splits(
         data.texts,
         data.labels,
         per_class_train=per_class_train,
         test_size=test_size,
+        validation_size=validation_size,
         seed=seed,
     )
     if not splits.train.texts:
@@ -102,6 +145,13 @@ def load_task(name: str, *, per_class_train: int, test_size: int, seed: int) -> 
         splits.train.labels,
         splits.test.texts,
         splits.test.labels,
+        splits.validation.texts,
+        splits.validation.labels,
+        {
+            "train": list(splits.train.indices),
+            "validation": list(splits.validation.indices),
+            "test": list(splits.test.indices),
+        },
     )
 
 
@@ -197,12 +247,14 @@ class Classifier:
                 raise SetupError(str(exc)) from None
         self.trainable_spec = trainable
         self.trainable_names = self._select(trainable)
-        self._cache_from: int | None = None  # first trainable encoder layer when caching
+        self._cache_from: int | None = None  # first trainable layer when caching
         self._cache: dict[str, torch.Tensor] | None = None
         self.cache_disabled_reason: str | None = None
 
     # -------------------------------------------------------------------- parameters
-    def _layers(self) -> nn.ModuleList:
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layer stack (MiniLM's encoder layers, SmolLM2's decoder layers)."""
         if self.kind == "minilm":
             return self.model.bert.encoder.layer
         return self.model.model.layers
@@ -230,7 +282,7 @@ class Classifier:
                 )
             if "head" in parts:
                 chosen.append(model.model.norm)
-        layers = self._layers()
+        layers = self.layers
         if last > len(layers):
             raise SetupError(f"--trainable last{last}: the model has only {len(layers)} layers")
         if last:
@@ -276,21 +328,45 @@ class Classifier:
     # -------------------------------------------------------------------- cache
     @property
     def cache_active(self) -> bool:
+        """True while the training records' prefix features are cached (and verified)."""
         return self._cache is not None
 
+    @property
+    def cache_from(self) -> int | None:
+        """Index of the first layer the cached path runs (``len(layers)``: only the head);
+        ``None`` when no cache is built."""
+        return self._cache_from
+
+    @property
+    def cached_features(self) -> dict[str, torch.Tensor] | None:
+        """The training records' prefix features of :meth:`build_cache` (``None`` if none)."""
+        return self._cache
+
     def cache_plan(self) -> int | None:
-        """Index of the first trainable encoder layer when a frozen prefix can be cached."""
-        if self.kind != "minilm":
-            return None
-        trainable = set(self.trainable_names)
-        layers = self._layers()
+        """Index of the first trainable layer when a frozen prefix can be cached, else ``None``.
+
+        ``len(layers)`` means only the head above the layers is trainable. ``None`` when the
+        embeddings or a layer below the first trainable one is trainable (for SmolLM2 the
+        embedding is tied to the LM head, so ``all`` caches nothing), or when nothing would be
+        skipped (the first layer is trainable).
+        """
+        layers = self.layers
         first = len(layers)
         for i, layer in enumerate(layers):
             if any(p.requires_grad for p in layer.parameters()):
                 first = i
                 break
-        # everything below the first trainable layer (embeddings, layers < first) must be frozen
-        prefix = [n for n in trainable if n.startswith("bert.embeddings.")]
+        embeddings = (
+            self.model.bert.embeddings if self.kind == "minilm" else self.model.model.embed_tokens
+        )
+        if any(p.requires_grad for p in embeddings.parameters()):
+            return None
+        if self.kind == "smollm2":
+            # the tied LM head is the embedding matrix (frozen, checked above); the rotary
+            # embedding has no parameter. A first trainable layer 0 leaves nothing to skip.
+            return first if first > 0 else None
+        trainable = set(self.trainable_names)
+        prefix = []
         for i in range(first):
             prefix += [n for n in trainable if n.startswith(f"bert.encoder.layer.{i}.")]
         if prefix:
@@ -302,35 +378,95 @@ class Classifier:
         """Run the frozen prefix once over ``encoded`` and keep its output for the losses."""
         first = self.cache_plan()
         if first is None:
-            raise RuntimeError("this model/trainable selection has no frozen prefix to cache")
+            raise RuntimeError(
+                f"--trainable {self.trainable_spec!r} on {self.kind} leaves no frozen prefix to "
+                "cache (the embeddings are trainable); train fewer layers or pass --no-cache"
+            )
         self._cache_from = first
-        self._cache = self._prefix_outputs(encoded, first, batch_size=batch_size)
+        self._cache = self.prefix_features(encoded, batch_size=batch_size)
+
+    def prefix_features(
+        self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32
+    ) -> dict[str, torch.Tensor]:
+        """The frozen prefix's output for encoded records (no autograd, full model's layers).
+
+        Args:
+            encoded: records from :meth:`encode` (a ``labels`` entry is ignored).
+            batch_size: records per forward pass.
+
+        Returns:
+            ``{"hidden": ...}`` plus ``"attention_mask"`` when trainable layers follow (see the
+            module docstring), one row per record, in the order of ``encoded``. Feed slices of
+            it (with ``labels``) to :meth:`suffix_logits` / :meth:`losses`.
+
+        Raises:
+            RuntimeError: this trainable selection has no frozen prefix (:meth:`cache_plan`).
+        """
+        first = self._cache_from if self._cache_from is not None else self.cache_plan()
+        if first is None:
+            raise RuntimeError(
+                f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return self._prefix_outputs(encoded, first, batch_size=batch_size)
 
     def _prefix_outputs(
         self, encoded: Mapping[str, torch.Tensor], first: int, *, batch_size: int
     ) -> dict[str, torch.Tensor]:
         n = next(iter(encoded.values())).shape[0]
         inputs = {k: v for k, v in encoded.items() if k != "labels"}
-        num_layers = len(self._layers())
+        num_layers = len(self.layers)
         hidden_parts: list[torch.Tensor] = []
+        mask_parts: list[torch.Tensor] = []
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 sub = {k: v[start : start + batch_size] for k, v in inputs.items()}
                 sub = tasks.trim_padding(sub)
-                if first == num_layers:
+                if self.kind == "smollm2":
+                    states = self._decoder_prefix(sub, first)
+                elif first == num_layers:
                     states = self.model.bert(**sub).last_hidden_state
                 else:  # hidden_states[i] is the input of layer i
                     states = self.model.bert(**sub, output_hidden_states=True).hidden_states[first]
-                if first == num_layers:
+                if self.kind == "minilm" and first == num_layers:
                     states = states[:, 0]  # the pooler reads the first token only
                     if self.model.bert.pooler is not None and self._pooler_frozen():
                         states = self.model.bert.pooler(states.unsqueeze(1))
                 hidden_parts.append(states.clone())
-        hidden = torch.cat(hidden_parts) if first == num_layers else _cat_padded(hidden_parts)
-        cache = {"hidden": hidden.clone()}
-        if first < num_layers:
-            cache["attention_mask"] = encoded["attention_mask"][:, : hidden.shape[1]].clone()
-        return cache
+                if first < num_layers:
+                    mask_parts.append(sub["attention_mask"].clone())
+        if first == num_layers:
+            return {"hidden": torch.cat(hidden_parts).clone()}
+        hidden = _cat_padded(hidden_parts)
+        length = hidden.shape[1]
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in mask_parts])
+        return {"hidden": hidden.clone(), "attention_mask": mask}
+
+    def _decoder_prefix(self, sub: Mapping[str, torch.Tensor], first: int) -> torch.Tensor:
+        """SmolLM2: the output of decoder layer ``first - 1`` (at the answer position when
+        ``first`` is the number of layers), captured by a hook on the full decoder's forward."""
+        from zoprivacy.tasks.losses import _hidden_states, answer_positions
+
+        layers = self.layers
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple | list) else output)
+
+        device = next(self.model.parameters()).device
+        handle = layers[first - 1].register_forward_hook(keep)
+        try:
+            _, mask = _hidden_states(self.model.model, sub, device)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"decoder layer {first - 1} ran {len(captured)} times, expected 1")
+        states = captured[0]
+        if first == len(layers):
+            pos = answer_positions(mask)
+            states = states[torch.arange(states.shape[0], device=states.device), pos]
+        return states.cpu()
 
     def _pooler_frozen(self) -> bool:
         pooler = self.model.bert.pooler
@@ -338,7 +474,8 @@ class Classifier:
 
     def cached_dataset(self, labels: torch.Tensor) -> tasks.TensorDictDataset:
         """Records of the cached prefix outputs (for the Poisson loader)."""
-        assert self._cache is not None
+        if self._cache is None:
+            raise RuntimeError("no cache: call build_cache(encoded) first")
         return tasks.TensorDictDataset({**self._cache, "labels": labels})
 
     def verify_cache(self, encoded: Mapping[str, torch.Tensor], *, atol: float = 1e-4) -> bool:
@@ -352,10 +489,10 @@ class Classifier:
         probe = {k: v[:8] for k, v in encoded.items()}
         probe = tasks.trim_padding(probe)
         try:
-            cached = self._prefix_outputs(probe, self._cache_from, batch_size=8)
+            cached = self.prefix_features(probe, batch_size=8)
             with torch.inference_mode():
-                fast = self._suffix_logits({**cached, "labels": probe["labels"]})
-                full = self._full_logits(probe)
+                fast = self.suffix_logits({**cached, "labels": probe["labels"]})
+                full = self.full_logits(probe)
             ok = bool(torch.allclose(fast.float(), full.float(), atol=atol, rtol=1e-4))
             reason = "its logits differ from the full model's" if not ok else None
         except Exception as exc:  # any failure of the fast path: fall back, never mis-train
@@ -373,17 +510,30 @@ class Classifier:
         return ok
 
     # -------------------------------------------------------------------- forward passes
-    def _suffix_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Logits from cached prefix outputs: trainable layers, pooler, classifier."""
+    def suffix_logits(self, features: Mapping[str, Any]) -> torch.Tensor:
+        """Class logits ``[B, C]`` from prefix features (:meth:`prefix_features` rows).
+
+        Runs only the trainable top: the layers from :attr:`cache_from` (or, before a cache is
+        built, :meth:`cache_plan`), then MiniLM's pooler and classifier, or SmolLM2's final norm
+        and label-word rows. With autograd when called outside ``inference_mode``.
+        """
+        layers = self.layers
+        first = self._cache_from if self._cache_from is not None else self.cache_plan()
+        if first is None:
+            raise RuntimeError(
+                f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
+            )
+        if self.kind == "smollm2":
+            return self._decoder_suffix(features, first)
         model = self.model
-        hidden = batch["hidden"]
-        layers = self._layers()
-        first = self._cache_from if self._cache_from is not None else len(layers)
+        hidden = features["hidden"]
         if first < len(layers):
             from transformers.masking_utils import create_bidirectional_mask
 
             mask = create_bidirectional_mask(
-                config=model.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
+                config=model.config,
+                inputs_embeds=hidden,
+                attention_mask=features["attention_mask"],
             )
             for layer in layers[first:]:
                 out = layer(hidden, mask)
@@ -397,7 +547,46 @@ class Classifier:
         pooled = first_token if pooler is None else pooler(first_token[:, None])
         return model.classifier(model.dropout(pooled))
 
-    def _full_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def _decoder_suffix(self, features: Mapping[str, Any], first: int) -> torch.Tensor:
+        from zoprivacy.tasks.losses import (
+            _decoder_and_head,
+            _head_logits,
+            _position_ids,
+            answer_positions,
+        )
+
+        decoder, head = _decoder_and_head(self.model)
+        device = next(self.model.parameters()).device
+        hidden = features["hidden"].to(device)
+        if first < len(self.layers):
+            from transformers.masking_utils import create_causal_mask
+
+            mask = features["attention_mask"].to(device)
+            positions = _position_ids(mask)
+            causal = create_causal_mask(
+                config=decoder.config,
+                inputs_embeds=hidden,
+                attention_mask=mask,
+                cache=None,
+                position_ids=positions,
+            )
+            rotary = decoder.rotary_emb(hidden, position_ids=positions)
+            for layer in self.layers[first:]:
+                out = layer(
+                    hidden,
+                    attention_mask=causal,
+                    position_embeddings=rotary,
+                    position_ids=positions,
+                    use_cache=False,
+                )
+                hidden = out[0] if isinstance(out, tuple) else out
+            hidden = hidden[torch.arange(hidden.shape[0], device=device), answer_positions(mask)]
+        answer = decoder.norm(hidden)
+        rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=device)
+        return _head_logits(self.model, head, answer, rows)
+
+    def full_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Class logits ``[B, C]`` of encoded records through the whole model (no cache)."""
         if self.kind == "minilm":
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             return self.model(**inputs).logits
@@ -419,8 +608,8 @@ class Classifier:
     def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` of a training batch (cached or raw), with autograd."""
         if "hidden" in batch:
-            return self._suffix_logits(batch)
-        return self._full_logits(batch)
+            return self.suffix_logits(batch)
+        return self.full_logits(batch)
 
     def losses(self, batch: Any) -> torch.Tensor:
         """Per-record cross-entropy ``[B]`` without autograd (the zeroth-order closure)."""
@@ -435,7 +624,7 @@ class Classifier:
         if self.model.training:
             raise ValueError("the model must be in eval mode for zeroth-order training")
         with torch.inference_mode():
-            logits = self._suffix_logits(batch)
+            logits = self.suffix_logits(batch)
             losses = F.cross_entropy(logits.float(), batch["labels"].long(), reduction="none")
         return losses.clone()
 
@@ -456,7 +645,7 @@ class Classifier:
                     sub = tasks.trim_padding(
                         {k: v[start : start + batch_size] for k, v in encoded.items()}
                     )
-                    pred = self._full_logits(sub).argmax(dim=-1)
+                    pred = self.full_logits(sub).argmax(dim=-1)
                     correct += int((pred.cpu() == sub["labels"]).sum())
         finally:
             self.model.train(was_training)
