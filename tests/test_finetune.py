@@ -82,6 +82,55 @@ def test_defaults_follow_the_paper_parametrisation():
     assert resolve("--method", "zeroshot").steps == 0
 
 
+def test_step_options_defaults_and_normal_form():
+    cfg = resolve()
+    assert (cfg.direction_distribution, cfg.difference, cfg.perturbation) == (
+        "gaussian",
+        "central",
+        "auto",
+    )
+    assert cfg.batched_directions is None and cfg.mask is None and cfg.stages == []
+    for method in ("dpadamw", "adamw", "zeroshot"):  # they do not apply: saved as None
+        cfg = resolve("--method", method)
+        assert cfg.direction_distribution is None and cfg.stages is None
+    cfg = resolve(
+        "--directions", "16", "--mask", "random:0.25:5", "--stage", "100:lr=0.5,directions=4",
+        "--stage", "300:perturbation-scale=1e-4,clip-norm=0.05",
+    )  # fmt: skip
+    assert cfg.mask == {"type": "random", "density": 0.25, "every": 5}
+    assert resolve("--mask", "magnitude:0.1:smallest").mask == {
+        "type": "magnitude",
+        "density": 0.1,
+        "largest": False,
+    }
+    # every stage holds all its values; a key not given keeps the previous stage's value
+    assert cfg.stages == [
+        {"from_step": 100, "directions": 4, "clip_norm": 0.2, "lr": 0.5,
+         "perturbation_scale": 1e-3},
+        {"from_step": 300, "directions": 4, "clip_norm": 0.05, "lr": 0.5,
+         "perturbation_scale": 1e-4},
+    ]  # fmt: skip
+    assert {"direction_distribution", "mask", "stages"} <= set(cfg.run_dict())
+
+
+def test_help_documents_the_step_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--direction-distribution {gaussian,rademacher}",
+        "--difference {central,forward}",
+        "--perturbation {auto,hooks,inplace}",
+        "--batched-directions M",
+        "--mask SPEC",
+        "--stage S:KEY=V,...",
+    ):
+        assert flag in text, flag
+    assert "magnitude:F[:smallest]" in text and "random:F[:EVERY]" in text
+    assert "500:lr=0.5,directions=16" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +312,164 @@ def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path,
     assert history[1]["steps"] == 4  # each step charged once
 
 
+def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeypatch, capsys):
+    """Directions, difference, path, mask and stages reach DPAggZO (seen in the StepStats of each
+    step), are saved in config.json and the checkpoint, are enforced on --resume, and reported."""
+    seen = []
+    real_step = _train.ZerothOrderTrainer.step
+
+    def step_then_ctrl_c(self, batch):
+        result = real_step(self, batch)
+        seen.append((self.last_stats, self.optimizer.param_groups[0]["lr"], self.optimizer._mask))
+        if self.steps_done == 2 and len(seen) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", step_then_ctrl_c)
+    options = [
+        "--directions", "4", "--direction-distribution", "rademacher", "--difference", "forward",
+        "--perturbation", "hooks", "--mask", "magnitude:0.5",
+        "--stage", "1:directions=2,lr=0.5", "--stage", "3:clip-norm=0.1,perturbation-scale=1e-2",
+    ]  # fmt: skip
+    code, out = finetune_cli(tmp_path, *options, "--no-pld")
+    assert code == 130
+    config = json.loads((out / "config.json").read_text())
+    assert config["direction_distribution"] == "rademacher" and config["difference"] == "forward"
+    assert config["perturbation"] == "hooks"
+    assert config["mask"] == {"type": "magnitude", "density": 0.5, "largest": True}
+    assert [s["from_step"] for s in config["stages"]] == [1, 3]
+    zo = checkpoint_of(out)["training"]["optimizer"]["zoprivacy"]
+    assert zo["mask"] == {"type": "MagnitudeMask", "density": 0.5, "largest": True,
+                          "sample_size": 1 << 20}  # fmt: skip
+    assert zo["schedules"]["num_directions"] == {
+        "type": "Stagewise", "boundaries": [1, 3], "values": [4, 2, 2],
+    }  # fmt: skip
+    assert set(zo["schedules"]) == {"num_directions", "clip_norm", "perturbation_scale"}
+
+    # a different step option is refused on resume, naming the option
+    changed = (
+        ["--mask", "magnitude:0.2"],
+        ["--stage", "1:lr=0.5"],
+        ["--difference", "central"],
+        ["--direction-distribution", "gaussian"],
+    )
+    for extra in changed:
+        assert main(["finetune", "--output", str(out), "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "differs" in err and extra[0] in err, err
+    # the same ones again are accepted, and the stages continue where they were
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress", *options]) == 0
+    stats = [s for s, _, _ in seen]
+    assert len(stats) == 4 and [s.step for s in stats] == [0, 1, 2, 3]
+    assert all(s.directions == "rademacher" and s.difference == "forward" for s in stats)
+    assert all(s.perturbation_path == "hooks" for s in stats)
+    assert [s.num_directions for s in stats] == [4, 2, 2, 2]
+    assert [lr for _, lr, _ in seen] == [1.0, 0.5, 0.5, 0.5]
+    assert [s.clip_norm for s in stats] == pytest.approx([0.4, 0.4, 0.4, 0.1])
+    assert [s.perturbation_scale for s in stats] == [1e-3, 1e-3, 1e-3, 1e-2]
+    from zoprivacy.masks import MagnitudeMask
+
+    assert all(m == MagnitudeMask(0.5) for _, _, m in seen)
+    report = read_report(out)
+    assert report["direction_distribution"] == "rademacher" and report["difference"] == "forward"
+    assert report["perturbation_path"] == "hooks" and report["mask"]["density"] == 0.5
+    assert [s["from_step"] for s in report["stages"]] == [0, 1, 3]
+    assert [s["directions"] for s in report["stages"]] == [4, 2, 2]
+    card = (out / "README.md").read_text()
+    assert "rademacher directions, forward differences" in card and "DP-ZOPO magnitude" in card
+    assert "DP-ZOSO stages" in card and "0.1 from step 3" in card
+    rows = [json.loads(r) for r in (out / "diagnostics/history.jsonl").read_text().splitlines()]
+    assert [r["num_directions"] for r in rows] == [4, 2, 2, 2]
+    assert [r["lr"] for r in rows] == [1.0, 0.5, 0.5, 0.5]
+
+
+def test_a_checkpoint_whose_schedule_differs_from_the_config_is_refused(tmp_path, capsys):
+    """The optimizer checks the stages and the mask against its checkpoint on resume: a
+    config.json edited by hand cannot switch the run to another trajectory."""
+    code, out = finetune_cli(
+        tmp_path, "--directions", "2", "--stage", "2:lr=0.5,directions=1", "--no-pld",
+        "--steps", "6", "--checkpoint-every", "1",
+    )  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    (out / "report.json").unlink()  # pretend it was interrupted
+    config = json.loads((out / "config.json").read_text())
+    config["stages"][0]["directions"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("zoprivacy finetune: error:") and "Traceback" not in err
+    assert "num_directions schedule is Stagewise([2], [2, 1])" in err[-1]
+    config["stages"][0]["directions"] = 1
+    config["mask"] = {"type": "magnitude", "density": 0.5, "largest": True}
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress"]) == 2
+    assert "taken without a mask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "path"),
+    [
+        ("dpaggzo", ["--batched-directions", "2"], "batched"),
+        ("mezo", ["--mask", "random:0.5:2", "--perturbation", "inplace"], "inplace"),
+        ("dpzo", ["--difference", "forward", "--stage", "2:clip-norm=0.2"], "hooks"),
+    ],
+)
+def test_step_options_for_each_zeroth_order_method(tmp_path, method, extra, path):
+    code, out = finetune_cli(tmp_path, "--method", method, "--no-pld", *extra)
+    assert code == 0
+    report = read_report(out)
+    assert report["perturbation_path"] == path and report["steps"] == 4
+    zo = checkpoint_of(out)["training"]
+    zo = (zo["optimizer"] if "optimizer" in zo else zo)["zoprivacy"]
+    if method == "mezo":
+        assert zo["mask"] == {"type": "RandomMask", "density": 0.5, "seed": 0, "every": 2}
+        assert report["mask"]["seed"] == 0
+    if method == "dpzo":
+        assert zo["difference"] == "forward" and zo["schedules"]["clip_norm"]["values"] == [
+            0.8,
+            0.2,
+        ]
+    if method == "dpaggzo":
+        assert zo["batched_directions"] == 2
+
+
+def test_dpadamw_steps_after_the_last_checkpoint_are_charged_again(tmp_path, monkeypatch):
+    """DP-AdamW's release (a noisy gradient) is not journaled: a step lost with the process is
+    charged as spent, and the budget guard then stops the run one step early."""
+    real_step, real_save = _train.FirstOrderTrainer.step, _train.FirstOrderTrainer.save
+    dead = {"now": False}
+
+    def step_then_die(self, batch):
+        result = real_step(self, batch)
+        if self.steps_done == 3:
+            dead["now"] = True
+            raise _HardKill
+        return result
+
+    def save_unless_dead(self, path):
+        if not dead["now"]:
+            real_save(self, path)
+
+    monkeypatch.setattr(_train.FirstOrderTrainer, "step", step_then_die)
+    monkeypatch.setattr(_train.FirstOrderTrainer, "save", save_unless_dead)
+    with pytest.raises(_HardKill):
+        finetune_cli(tmp_path, "--method", "dpadamw", "--checkpoint-every", "2")
+    out = tmp_path / "run"
+    monkeypatch.setattr(_train.FirstOrderTrainer, "step", real_step)
+    monkeypatch.setattr(_train.FirstOrderTrainer, "save", real_save)
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress"]) == 0
+    report = read_report(out)
+    assert report["abandoned_steps_charged"] == 1
+    history = checkpoint_of(out)["training"]["accountant"]["history"]
+    charged = sum(h["steps"] for h in history if h["mechanism"] == "subsampled_gaussian")
+    # steps 0-1 from the checkpoint, step 2 lost with the process (charged), step 2 run again;
+    # then the budget, planned for 4 steps, refuses a fifth charge
+    assert charged == report["steps"] + 1 == 4
+    assert "budget" in report["stopped_early"]
+    assert report["epsilon_spent"] <= report["target_epsilon"]
+
+
 @pytest.mark.parametrize("method", ["dpzo", "mezo", "dpadamw", "adamw"])
 def test_each_method_runs_on_the_tiny_configuration(tmp_path, method):
     code, out = finetune_cli(tmp_path, "--method", method, "--no-pld")
@@ -346,6 +553,29 @@ def test_dpadamw_resumes_without_a_second_release(tmp_path, monkeypatch):
         (["--trainable", "head+middle"], "--trainable"),
         (["--method", "dpzo", "--directions", "4"], "dpzo"),
         (["--steps", "0"], "--steps"),
+        # step options: each error names the option and the fix
+        (["--mask", "magnitude:0"], "--mask"),
+        (["--mask", "magnitude:1.5"], "(0, 1]"),
+        (["--mask", "topk:0.1"], "magnitude:F[:smallest] or random:F[:EVERY]"),
+        (["--mask", "random:0.1:0"], "EVERY"),
+        (["--mask", "magnitude:0.1:biggest"], "smallest or largest"),
+        (["--method", "dpadamw", "--mask", "magnitude:0.1"], "--mask does not apply"),
+        (["--method", "adamw", "--difference", "forward"], "--difference does not apply"),
+        (["--method", "zeroshot", "--stage", "2:lr=0.1"], "--stage does not apply"),
+        (["--steps", "10", "--stage", "10:lr=0.1"], "only 10 steps"),
+        (["--stage", "0:lr=0.1"], "increasing steps >= 1"),
+        (["--stage", "30:lr=0.1", "--stage", "20:lr=0.2"], "increasing"),
+        (["--stage", "20:noise-multiplier=2"], "calibrated"),
+        (["--stage", "20:momentum=0.9"], "KEY in directions, clip-norm, lr"),
+        (["--stage", "20"], "--stage"),
+        (["--stage", "20:lr=-1"], "lr must be a number > 0"),
+        (["--stage", "20:directions=0"], "directions must be >= 1"),
+        (["--method", "dpzo", "--stage", "20:directions=4"], "dpzo uses one direction"),
+        (["--method", "mezo", "--stage", "20:clip-norm=1"], "mezo does not clip"),
+        (["--batched-directions", "0"], "--batched-directions must be an int >= 1"),
+        (["--batched-directions", "2", "--perturbation", "inplace"], "--perturbation auto"),
+        (["--direction-distribution", "normal"], "--direction-distribution"),
+        (["--difference", "backward"], "--difference"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):

@@ -49,7 +49,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["JournalError", "Recovery", "StepJournal", "params_digest", "recover"]
+__all__ = [
+    "JournalError",
+    "Recovery",
+    "StepJournal",
+    "charge_unreplayable",
+    "params_digest",
+    "recover",
+]
 
 _FORMAT = "zoprivacy.journal/1"
 
@@ -298,6 +305,34 @@ def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
     if pending is not None:
         abandoned.append(int(pending["step"]))
     return Recovery(replayed, len(abandoned), tuple(abandoned))
+
+
+def charge_unreplayable(accountant: Any, journal: StepJournal, start: int) -> Recovery:
+    """For optimizers whose release cannot be recorded compactly (DP-AdamW releases a noisy
+    d-dimensional gradient, not K numbers): the journal holds only ``begin`` records, and every
+    step begun after the checkpoint at position ``start`` is charged to ``accountant`` as
+    abandoned (its update is lost with the process; running it again is a new release)."""
+    if not 0 < start <= journal.records:
+        raise JournalError(
+            f"the checkpoint is at journal position {start}, but the journal has "
+            f"{journal.records} records: restore this run's journal"
+        )
+    steps = []
+    for rec in journal.entries(start):
+        if rec.get("type") != "begin":
+            raise JournalError(
+                f"unexpected journal record {rec.get('type')!r} after the checkpoint"
+            )
+        budget, accountant.budget = accountant.budget, None
+        try:
+            accountant.step(
+                noise_multiplier=float(rec["noise_multiplier"]),
+                sample_rate=float(rec["sample_rate"]),
+            )
+        finally:
+            accountant.budget = budget
+        steps.append(int(rec["step"]))
+    return Recovery(0, len(steps), tuple(steps))
 
 
 def _fsync_dir(path: Path) -> None:

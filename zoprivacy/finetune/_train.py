@@ -35,6 +35,13 @@ import torch.nn.functional as F
 from zoprivacy import MeZO, make_private
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
 from zoprivacy.data import PredictableSamplingWarning, is_empty_batch, poisson_loader, release_size
+from zoprivacy.journal import (
+    JournalError,
+    Recovery,
+    StepJournal,
+    charge_unreplayable,
+    params_digest,
+)
 from zoprivacy.optimizer import NotPrivateWarning
 from zoprivacy.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
@@ -246,7 +253,13 @@ class ZerothOrderTrainer:
 
 
 class FirstOrderTrainer:
-    """``dpadamw`` (Opacus per-sample gradients, our accounting) and non-private ``adamw``."""
+    """``dpadamw`` (Opacus per-sample gradients, our accounting) and non-private ``adamw``.
+
+    With a journal, each DP-AdamW step is recorded (``begin``) before it touches data. Its
+    release, a noisy d-dimensional gradient, is too large to record, so on a resume every step
+    begun after the checkpoint is charged as spent and run again
+    (:func:`zoprivacy.journal.charge_unreplayable`).
+    """
 
     def __init__(
         self,
@@ -255,6 +268,7 @@ class FirstOrderTrainer:
         settings: TrainSettings,
         *,
         checkpoint: dict[str, Any] | None = None,
+        journal: Any = None,
     ) -> None:
         self.classifier = classifier
         self.settings = settings
@@ -269,8 +283,11 @@ class FirstOrderTrainer:
         self.steps_total = settings.steps
         self._steps_done = 0 if state is None else int(state["steps_done"])
         adamw = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.journal: StepJournal | None = None
+        self.recovery: Recovery | None = None
         if self.private:
             self._setup_private(dataset, adamw, state)
+            self._setup_journal(journal, state)
         else:
             n = len(dataset)
             self.sample_rate = min(1.0, settings.batch_size / n)
@@ -340,6 +357,19 @@ class FirstOrderTrainer:
             generator=generator,
         )
 
+    def _setup_journal(self, path: Any, state: Any) -> None:
+        if path is None:
+            return
+        info = None if state is None else state.get("journal")
+        if info is None:
+            self.journal = StepJournal.create(path, digest=params_digest(self.params))
+            return
+        log = StepJournal.open(path)
+        if log.run_id != info["run"]:
+            raise JournalError(f"journal {path} belongs to another run: restore this run's")
+        self.recovery = charge_unreplayable(self.accountant, log, int(info["records"]))
+        self.journal = log
+
     @property
     def steps_done(self) -> int:
         return self._steps_done
@@ -350,6 +380,12 @@ class FirstOrderTrainer:
             self.accountant.step(
                 noise_multiplier=self.plan.noise_multiplier, sample_rate=self.sample_rate
             )
+            if self.journal is not None:  # write-ahead, before the data is touched
+                self.journal.begin(
+                    self._steps_done,
+                    noise_multiplier=self.plan.noise_multiplier,
+                    sample_rate=self.sample_rate,
+                )
         model = self.classifier.model
         model.train()
         try:
@@ -405,6 +441,9 @@ class FirstOrderTrainer:
                     "sample_rate": self.sample_rate,
                     "expected_batch_size": self.expected_batch_size,
                     "plan": dataclasses.asdict(self.plan),
+                    "journal": None
+                    if self.journal is None
+                    else {"run": self.journal.run_id, "records": self.journal.records},
                 }
             )
         atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
@@ -416,13 +455,15 @@ class FirstOrderTrainer:
     def privacy(self) -> dict[str, Any]:
         if not self.private:
             return {"private": False, "sample_rate": self.sample_rate}
-        return _privacy_facts(
+        facts = _privacy_facts(
             self.plan,
             self.sample_rate,
             self.expected_batch_size,
             self.noisy_dataset_size,
             self.settings.clip_norm,
         )
+        facts["abandoned_steps_charged"] = self.accountant.steps - self._steps_done
+        return facts
 
     def close(self) -> None:
         """Remove Opacus's hooks from the model (evaluation then runs the plain model)."""
@@ -490,5 +531,11 @@ def make_trainer(
                 classifier, dataset, settings, checkpoint=checkpoint, journal=journal
             )
         if settings.method in FIRST_ORDER_METHODS:
-            return FirstOrderTrainer(classifier, dataset, settings, checkpoint=checkpoint)
+            return FirstOrderTrainer(
+                classifier,
+                dataset,
+                settings,
+                checkpoint=checkpoint,
+                journal=journal if settings.method in PRIVATE_METHODS else None,
+            )
     raise ValueError(f"method {settings.method!r} does not train")
