@@ -21,7 +21,7 @@ from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
 from zoprivacy.noise import PredictableNoiseWarning
 from zoprivacy.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
 from zoprivacy.prefix import LabelWordHead, PrefixCache
-from zoprivacy.private import PrivateTraining, make_private
+from zoprivacy.private import AbandonedStepWarning, PrivateTraining, make_private
 from zoprivacy.schedules import Stagewise, schedule_epsilon
 from zoprivacy.stats import StepStats
 
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DPZO",
+    "AbandonedStepWarning",
     "EMPTY_BATCH",
     "DPAggZO",
     "FixedMask",
