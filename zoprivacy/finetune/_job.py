@@ -297,7 +297,8 @@ def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
         for key, value in given.items():
             if key in saved and saved[key] != value:
                 raise SetupError(
-                    f"--resume continues the saved run: --{key.replace('_', '-')} {value!r} "
+                    f"--resume continues the saved run: "
+                    f"{FLAGS.get(key, '--' + key.replace('_', '-'))} {value!r} "
                     f"differs from its {saved[key]!r} (drop the option or use a new --output)"
                 )
         values = {k: saved[k] if k in saved else _ADDED_OPTIONS[k] for k in RUN_OPTIONS}
