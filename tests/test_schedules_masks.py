@@ -559,3 +559,78 @@ def test_public_names_are_re_exported_from_the_package():
         masks.FixedMask,
     )
     assert all(hasattr(zoprivacy, name) for name in zoprivacy.__all__)
+
+
+def test_make_private_passes_the_options_and_resumes_them_from_its_checkpoint():
+    """make_private with Stagewise K/c/φ, a mask and the speed options; a checkpoint after 2 of
+    5 steps resumed by make_private WITHOUT the schedules or the mask ends bit-identical."""
+    from zoprivacy import make_private
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 10)
+    data = torch.utils.data.TensorDataset(x, x[:, :2].sum(1))
+    init = copy.deepcopy(_problem()[0].state_dict())
+    options = dict(
+        num_directions=Stagewise([2], [3, 2]),
+        clip_norm=Stagewise([3], [1.0, 0.5]),
+        perturbation_scale=Stagewise([1], [1e-2, 1e-3]),
+        mask=RandomMask(0.5, seed=3),
+        directions="rademacher",
+        difference="forward",
+        perturbation="hooks",
+    )
+    common = dict(
+        target_epsilon=8.0, target_delta=1e-5, steps=5, lr=0.05, sample_rate=0.3,
+        noise_seed=5, seed=2, sampling_generator=6,
+        size_fraction=0.0,  # n public: b = q·n is the same in every run (no random ñ)
+    )  # fmt: skip
+
+    def run(model, training, steps):
+        out = []
+        for batch, _ in zip(training.loader, range(steps), strict=False):
+            xb, yb = batch if isinstance(batch, list | tuple) else (None, None)
+
+            def closure(xb=xb, yb=yb):
+                if xb is None:
+                    return torch.zeros(0)
+                return (model(xb).sum(1) - yb) ** 2
+
+            out.append(training.optimizer.step(closure))
+        return out
+
+    model = _problem()[0]
+    model.load_state_dict(init)
+    full = make_private(model, data, **common, **options)
+    assert (full.optimizer.directions, full.optimizer.difference) == ("rademacher", "forward")
+    assert full.optimizer.perturbation == "hooks" and full.optimizer.scheduled == (
+        "num_directions",
+        "clip_norm",
+        "perturbation_scale",
+    )
+    stats = run(model, full, 5)
+    assert [s.num_directions for s in stats] == [3, 3, 2, 2, 2]
+    assert all(s.directions == "rademacher" and s.difference == "forward" for s in stats)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    model.load_state_dict(init)
+    first = make_private(model, data, **common, **options)
+    run(model, first, 2)
+    state = copy.deepcopy(first.state_dict())
+    model.load_state_dict(init)  # the checkpoint restores the parameters
+    resumed = make_private(model, data, **common, num_directions=1, clip_norm=1.0, checkpoint=state)
+    assert resumed.optimizer.scheduled == ("num_directions", "clip_norm", "perturbation_scale")
+    assert resumed.optimizer._mask == RandomMask(0.5, seed=3)
+    tail = run(model, resumed, 3)
+    assert [s.num_directions for s in tail] == [2, 2, 2]
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), final, strict=True))
+    # passing another mask or schedule on resume is refused
+    with pytest.raises(ValueError, match="mask is RandomMask"):
+        make_private(
+            model, data, **common, num_directions=1, clip_norm=1.0, checkpoint=state,
+            mask=RandomMask(0.5, seed=4),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="clip_norm schedule"):
+        make_private(
+            model, data, **common, num_directions=1, clip_norm=Stagewise([2], [1.0, 0.5]),
+            checkpoint=state,
+        )  # fmt: skip

@@ -58,8 +58,8 @@ MASK_HELP = (
 STAGE_HELP = (
     "DP-ZOSO stage: from step S on, use new values, e.g. --stage 500:lr=0.5,directions=16 "
     "(keys: directions, clip-norm, lr, perturbation-scale; a key not given keeps the previous "
-    "stage's value; repeat for more stages, S increasing). σ stays the calibrated constant, so "
-    "the privacy accounting is unchanged"
+    "stage's value, so c does not follow a new K unless clip-norm is given; repeat for more "
+    "stages, S increasing). σ stays the calibrated constant, so the accounting is unchanged"
 )
 
 
