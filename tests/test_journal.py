@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import zoprivacy.private as private
 from zoprivacy import PoissonBatchSampler, PredictableNoiseWarning, make_private
@@ -92,6 +94,21 @@ def seeded_size_release(monkeypatch):
         return real(n, psi, accountant=accountant, generator=12345)
 
     monkeypatch.setattr(private, "release_size", seeded)
+
+
+@pytest.fixture(scope="module")
+def reference16():
+    """Parameters after 8 steps of a run planned for 16 (room for abandoned charges)."""
+    mp = pytest.MonkeyPatch()
+    real = private.release_size
+    mp.setattr(
+        private, "release_size", lambda n, psi, **kw: real(n, psi, **{**kw, "generator": 12345})
+    )
+    model = _model()
+    training = _run(model, _data(), steps=16)
+    _train(training, model, 8)
+    mp.undo()
+    return _flat(model)
 
 
 @pytest.fixture
@@ -276,3 +293,70 @@ def test_sampler_batches_depend_only_on_the_key_and_the_index():
     assert "key" not in secret.state_dict() and not secret.seeded
     with pytest.raises(ValueError, match="unknown mode"):
         secret.load_state_dict({"mode": "bogus"})
+
+
+class _Death(BaseException):
+    """The process dies here (nothing after it runs)."""
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    plan=st.lists(
+        st.tuples(st.integers(0, 7), st.sampled_from(["mid-step", "after-release", "between"])),
+        min_size=1,
+        max_size=3,
+    ),
+    saves=st.sets(st.integers(1, 7), max_size=3),
+)
+def test_any_crash_schedule_ends_at_the_unbroken_run(tmp_path_factory, reference16, plan, saves):
+    """Random deaths (mid-step, right after the release record, between steps) and checkpoints:
+    the resumed run ends bit-identical to the unbroken one, and the accountant holds exactly one
+    charge per attempt that read data."""
+    tmp = tmp_path_factory.mktemp("sched")
+    ckpt, log = tmp / "c.pt", tmp / "j.jsonl"
+    crashes = dict(plan)
+    attempts = 0
+    while True:
+        model = _model()
+        kwargs = {"checkpoint": ckpt} if ckpt.exists() else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AbandonedStepWarning)
+            run = _run(model, _data(), journal=log, steps=16, **kwargs)
+        journal = run.optimizer._journal
+        try:
+            for batch in run.loader:
+                t = run.steps_done
+                if t >= 8:
+                    break
+                kind = crashes.pop(t, None)
+                closure = _closure(model, batch)
+                if kind == "mid-step":
+
+                    def closure():
+                        raise _Death
+
+                elif kind == "after-release":
+
+                    def dying_release(*args, journal=journal, **kw):
+                        StepJournal.release(journal, *args, **kw)
+                        raise _Death
+
+                    journal.release = dying_release
+                attempts += 1
+                run.optimizer.step(closure)
+                if run.steps_done in saves:
+                    run.save(ckpt)
+                if kind == "between":
+                    raise _Death
+            break
+        except _Death:
+            continue
+    assert torch.equal(_flat(model), reference16)
+    assert run.steps_done == 8
+    abandoned = sum(1 for _, kind in plan if kind == "mid-step")
+    charged = sum(
+        e["steps"] for e in run.accountant.history if e["mechanism"] == "subsampled_gaussian"
+    )
+    assert charged == 8 + abandoned
