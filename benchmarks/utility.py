@@ -809,9 +809,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}", file=sys.stderr)
     plot(summary, args.out / f"{name}_accuracy.png")
     plot_vs_k(rows, args.out / f"{name}_vs_k.png")
-    for s in sorted(summary, key=lambda s: (s["task"], s["method"], str(s["epsilon"]))):
+    for s in sorted(summary, key=lambda s: (s["model"], s["task"], s["method"], str(s["epsilon"]))):
         print(
-            f"{_label(s):45s} lr={s['lr']}  test {s['test_accuracy_mean']:.4f} "
+            f"{s['model']:8s} {s['task']:16s} {_label(s):45s} lr={s['lr']}  "
+            f"test {s['test_accuracy_mean']:.4f} "
             f"± {s['test_accuracy_std']:.4f}  seeds {s['seeds']}"
         )
     return 0
