@@ -68,6 +68,26 @@ selection half (valid for the claim "the mechanism is μ-GDP"), and ``epsilon_lo
 of a μ_lower-GDP mechanism at δ: not a rigorous (ε, δ) lower bound in general, but the right
 yardstick when the mechanism really is Gaussian, where it gets close to ``epsilon_tight`` with a
 few thousand trials while ``epsilon_lower`` needs about 1/δ trials to get there.
+
+With q < 1 and one step the correct mechanism is, along the canary's direction, the pair
+P = (1 − q)·N(0, σ²) + q·N(1, σ²) (canary present) and Q = N(0, σ²) (absent), in units of c.
+Its exact privacy profile under add/remove adjacency (both orderings) has a closed form in Φ
+(:func:`subsampled_gaussian_delta`; ``epsilon_tight`` = :func:`subsampled_gaussian_epsilon`),
+and so has its trade-off curve β(α) = (1 − q)(1 − α) + q·Φ(Φ⁻¹(1 − α) − 1/σ)
+(:func:`subsampled_gaussian_tradeoff`). The analogue of ``mu_lower`` is the family bound: at a
+threshold chosen on the selection half, the evaluation half's upper ends (FPR_hi, FNR_hi) give
+the largest 1/σ' for which the point lies on or above the curve of rate q,
+1/σ' = Φ⁻¹(1 − FPR_hi) − Φ⁻¹((FNR_hi − (1 − q)(1 − FPR_hi))/q), hence ``noise_multiplier_upper``
+σ̂ = σ': with 95% confidence no subsampled Gaussian of rate q with noise above σ̂ produced the
+trials (a correct implementation has σ̂ ≳ σ; σ̂ < σ is evidence of a leak), and
+``epsilon_lower_family`` = :func:`subsampled_gaussian_epsilon` (q, σ̂, δ), the yardstick that
+gets close to ``epsilon_tight``. At q = 1 the same formula is the GDP μ (σ̂ = √T/μ_lower and
+``epsilon_lower_family`` = ``epsilon_lower_gdp``). The information per trial falls with q (the
+canary is absent from most D1 runs), so the family bound needs more trials at small q. For
+q < 1 and T > 1 there is no closed form: ``epsilon_tight`` comes from dp-accounting's PLD
+accountant (:func:`subsampled_gaussian_epsilon_pld`, an upper estimate within its
+discretisation; None when dp-accounting is not installed) and the family bound is not
+computed.
 """
 
 from __future__ import annotations
@@ -96,6 +116,10 @@ __all__ = [
     "gaussian_delta",
     "gaussian_epsilon",
     "run_audit",
+    "subsampled_gaussian_delta",
+    "subsampled_gaussian_epsilon",
+    "subsampled_gaussian_epsilon_pld",
+    "subsampled_gaussian_tradeoff",
 ]
 
 _CANARY_SCALE = 1e6
@@ -111,6 +135,17 @@ class AuditResult:
     units of c: the mean of y_t = ⟨R_t, u_t⟩/c under D1 minus under D0 (expected: q) and its
     standard deviation under D0 (expected: σ); a fault that shrinks the canary or the noise shows
     up there even when it does not hurt privacy.
+
+    The tight reference (see the module docstring): ``epsilon_tight`` is the exact ε at δ of the
+    correct mechanism and ``tight_reference`` says how it was obtained: ``"gaussian"`` (q = 1,
+    μ = √T/σ), ``"subsampled_gaussian"`` (q < 1, T = 1, :func:`subsampled_gaussian_epsilon`),
+    ``"pld"`` (q < 1, T > 1, dp-accounting's PLD, pessimistic by at most its discretisation) or
+    None (q < 1, T > 1 without dp-accounting). ``noise_multiplier_upper`` (σ̂) is the 95% upper
+    bound on the noise multiplier σ' of the subsampled-Gaussian family at the audited q
+    (σ' = √T/μ for q = 1, where 1/σ̂ = ``mu_lower``/√T); a correct implementation has σ̂ ≳ σ, a
+    σ̂ < σ says the mechanism is less private than a subsampled Gaussian with noise σ.
+    ``epsilon_lower_family`` is the tight ε at δ of that family member (= ``epsilon_lower_gdp``
+    for q = 1). Both are None for q < 1 with T > 1.
     """
 
     num_directions: int
@@ -140,6 +175,9 @@ class AuditResult:
     noise_std: float
     confidence: float
     seconds: float
+    tight_reference: str | None = None
+    noise_multiplier_upper: float | None = None
+    epsilon_lower_family: float | None = None
     _data: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -148,11 +186,18 @@ class AuditResult:
         return self.epsilon_lower > self.epsilon_claimed
 
     def reanalyse(
-        self, *, delta: float | None = None, attacks: tuple[str, ...] | None = None
+        self,
+        *,
+        delta: float | None = None,
+        attacks: tuple[str, ...] | None = None,
+        confidence: float | None = None,
     ) -> AuditResult:
-        """The same trials analysed at another δ and/or with a subset of the attacks (the claim,
-        the selection of the test and the bound are all redone on the same two halves)."""
+        """The same trials analysed at another δ, with a subset of the attacks and/or at another
+        confidence (the claim, the selection of the test and the bounds are all redone on the
+        same two halves)."""
         data = self._data
+        if confidence is not None:
+            data = dataclasses.replace(data, confidence=_confidence(confidence))
         if attacks is not None:
             unknown = set(attacks) - set(data.stats0)
             if unknown or not attacks:
@@ -170,14 +215,22 @@ class AuditResult:
         return out
 
     def summary(self) -> str:
-        tight = "" if self.epsilon_tight is None else f", tight (Gaussian) {self.epsilon_tight:.3f}"
+        tight = ""
+        if self.epsilon_tight is not None:
+            tight = f", tight ({self.tight_reference}) {self.epsilon_tight:.3f}"
+        family = ""
+        if self.noise_multiplier_upper is not None and self.epsilon_lower_family is not None:
+            family = (
+                f"; σ̂={self.noise_multiplier_upper:.3f} (q={self.sample_rate:g} family)"
+                f" → ε_family={self.epsilon_lower_family:.3f}"
+            )
         return (
             f"K={self.num_directions} σ={self.noise_multiplier:g} q={self.sample_rate:g} "
             f"T={self.steps} δ={self.delta:g}: ε_lower={self.epsilon_lower:.3f} "
             f"(attack {self.attack}, FPR={self.false_positive_rate:.4f}, "
             f"FNR={self.false_negative_rate:.4f}, {self.evaluation_trials} evaluation trials per "
             f"dataset), ε_claimed={self.epsilon_claimed:.3f}{tight}; μ_lower={self.mu_lower:.3f}"
-            f" → ε_gdp={self.epsilon_lower_gdp:.3f}; shift={self.shift:.3f}c, "
+            f" → ε_gdp={self.epsilon_lower_gdp:.3f}{family}; shift={self.shift:.3f}c, "
             f"noise std={self.noise_std:.3f}c{'  VIOLATION' if self.violation else ''}"
         )
 
@@ -231,9 +284,178 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return float(optimize.brentq(lambda e: gaussian_delta(mu, e) - delta, 0.0, hi, xtol=1e-12))
 
 
-def _mu_from_rates(fpr: np.ndarray, fnr: np.ndarray) -> np.ndarray:
+def _check_profile_args(q: float, sigma: float) -> tuple[float, float]:
+    q, sigma = float(q), float(sigma)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"sample_rate q must be in (0, 1], got {q!r}")
+    if not sigma >= 0.0:  # also refuses NaN
+        raise ValueError(f"noise_multiplier sigma must be >= 0 (inf allowed), got {sigma!r}")
+    return q, sigma
+
+
+def _log_diff(log_a: float, log_b: float) -> float:
+    """e^{log_a} − e^{log_b}, clamped at 0, without cancelling to 0 when both are tiny."""
+    if not log_a > log_b:
+        return 0.0
+    return float(math.exp(log_a) * -math.expm1(log_b - log_a))
+
+
+def subsampled_gaussian_delta(q: float, sigma: float, epsilon: float) -> float:
+    """Exact δ(ε) of ONE Poisson-subsampled Gaussian step (sensitivity 1, noise σ, rate q) under
+    add/remove adjacency: the larger of the two hockey-stick divergences of
+    P = (1−q)·N(0, σ²) + q·N(1, σ²) (the record is present) and Q = N(0, σ²) (it is absent).
+
+    One projection is enough: along the record's contribution the two outputs differ only in the
+    mixture weight; orthogonal coordinates have the same law under both (Balle, Barthe and
+    Gaboardi 2018 reduce the subsampled Gaussian to this pair; Zhu, Dong and Wang 2022, the
+    "dominating pair" of the Poisson-subsampled Gaussian). With the densities p and r of P and Q
+    the likelihood ratio p/r(x) = 1 − q + q·exp((x − ½)/σ²) is increasing in x, so each
+    δ(ε) = ∫ max(0, p − e^ε r) dx (Balle and Wang 2018, Theorem 5) is the integral over one
+    half-line and has a closed form in Φ:
+
+    * P‖Q: p > e^ε r ⇔ x > x* = σ²·log((e^ε − 1 + q)/q) + ½, so
+      δ_{P‖Q}(ε) = P(X > x*) − e^ε·Q(X > x*)
+                 = q·Φ((1 − x*)/σ) − (e^ε − 1 + q)·Φ(−x*/σ);
+    * Q‖P: r > e^ε p ⇔ p/r < e^{−ε}, which has solutions only when e^{−ε} > 1 − q (the ratio is
+      never below 1 − q): x < x' = σ²·log((e^{−ε} − 1 + q)/q) + ½, and
+      δ_{Q‖P}(ε) = Q(X < x') − e^ε·P(X < x')
+                 = (1 − e^ε(1 − q))·Φ(x'/σ) − e^ε·q·Φ((x' − 1)/σ); otherwise δ_{Q‖P}(ε) = 0.
+
+    At q = 1 both reduce to the Gaussian profile Φ(μ/2 − ε/μ) − e^ε·Φ(−μ/2 − ε/μ) with μ = 1/σ
+    (:func:`gaussian_delta`). Both terms of each difference are computed in log space
+    (:func:`scipy.special.log_ndtr`) so that small δ keeps its relative accuracy. Limits:
+    σ = inf gives 0; σ = 0 (no noise) gives max(q, 1 − e^ε(1 − q)).
+
+    Args:
+        q: sampling rate in (0, 1].
+        sigma: noise multiplier σ ≥ 0 (noise std over sensitivity).
+        epsilon: ε ≥ 0.
+    """
+    return max(_subsampled_gaussian_deltas(q, sigma, epsilon))
+
+
+def _subsampled_gaussian_deltas(q: float, sigma: float, epsilon: float) -> tuple[float, float]:
+    """(δ_{P‖Q}(ε), δ_{Q‖P}(ε)) of :func:`subsampled_gaussian_delta`."""
+    q, sigma = _check_profile_args(q, sigma)
+    epsilon = float(epsilon)
+    if not epsilon >= 0.0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+    if math.isinf(epsilon) or math.isinf(sigma):
+        return 0.0, 0.0
+    if sigma == 0.0:  # P puts mass q on 1, where Q has none; Q puts 1 on 0, where P has 1 − q
+        if q == 1.0:
+            return 1.0, 1.0
+        log_ratio = epsilon + math.log1p(-q)  # log(e^ε(1 − q)); δ_{Q‖P} = max(0, 1 − e^ε(1 − q))
+        return q, (-math.expm1(log_ratio) if log_ratio < 0.0 else 0.0)
+    s2 = sigma * sigma
+    # P‖Q; log(e^ε − 1 + q) = ε + log(1 − e^{−ε} + q·e^{−ε}), a sum of two positive terms
+    log_shift = epsilon + math.log(-math.expm1(-epsilon) + q * math.exp(-epsilon))
+    x_star = s2 * (log_shift - math.log(q)) + 0.5
+    forward = _log_diff(
+        math.log(q) + float(special.log_ndtr((1.0 - x_star) / sigma)),
+        log_shift + float(special.log_ndtr(-x_star / sigma)),
+    )
+    # Q‖P; 1 − e^ε(1 − q) = e^ε·(e^{−ε} − 1 + q)
+    # e^{−ε} − (1 − q), from the form without cancellation: for e^{−ε} < ½ a positive gap needs
+    # q > ½, where 1 − q is exact; otherwise expm1(−ε) keeps its relative accuracy
+    gap = math.exp(-epsilon) - (1.0 - q) if epsilon > math.log(2.0) else q + math.expm1(-epsilon)
+    backward = 0.0
+    if gap > 0.0:
+        x_prime = s2 * (math.log(gap) - math.log(q)) + 0.5
+        backward = _log_diff(
+            epsilon + math.log(gap) + float(special.log_ndtr(x_prime / sigma)),
+            epsilon + math.log(q) + float(special.log_ndtr((x_prime - 1.0) / sigma)),
+        )
+    return forward, backward
+
+
+def subsampled_gaussian_epsilon(q: float, sigma: float, delta: float) -> float:
+    """Tight ε of ONE Poisson-subsampled Gaussian step at δ: the smallest ε ≥ 0 with
+    :func:`subsampled_gaussian_delta` (q, σ, ε) ≤ δ (δ(ε) is continuous and decreasing, so
+    :func:`scipy.optimize.brentq` finds it; +inf when no finite ε reaches δ, e.g. σ = 0, δ < q).
+    At q = 1 this is :func:`gaussian_epsilon` with μ = 1/σ."""
+    q, sigma = _check_profile_args(q, sigma)
+    delta = float(delta)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if subsampled_gaussian_delta(q, sigma, 0.0) <= delta:
+        return 0.0
+    hi = 1.0
+    while subsampled_gaussian_delta(q, sigma, hi) > delta:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    return float(
+        optimize.brentq(
+            lambda e: subsampled_gaussian_delta(q, sigma, e) - delta, 0.0, hi, xtol=1e-12
+        )
+    )
+
+
+def subsampled_gaussian_tradeoff(q: float, sigma: float, fpr: float) -> float:
+    """The trade-off curve of one subsampled-Gaussian step for the test "is the record present?"
+    (Dong, Roth, Su 2019, Definition 2.1, with null Q = N(0, σ²), alternative P as in
+    :func:`subsampled_gaussian_delta`): the smallest false-negative rate of any test whose
+    false-positive rate is ``fpr``. By Neyman-Pearson the best test thresholds x (the likelihood
+    ratio is increasing): with a = Φ⁻¹(1 − α),
+    β(α) = P(X ≤ σa) = (1 − q)(1 − α) + q·Φ(a − 1/σ)
+    (at q = 1 the Gaussian curve Φ(Φ⁻¹(1 − α) − μ))."""
+    q, sigma = _check_profile_args(q, sigma)
+    alpha = float(fpr)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"fpr must be in [0, 1], got {alpha!r}")
+    if sigma == 0.0:  # no noise: "x > ½" has FPR 0 and FNR 1 − q
+        return (1.0 - q) * (1.0 - alpha)
+    a = -float(special.ndtri(alpha))
+    return (1.0 - q) * (1.0 - alpha) + q * float(special.ndtr(a - 1.0 / sigma))
+
+
+def subsampled_gaussian_epsilon_pld(
+    q: float,
+    sigma: float,
+    steps: int,
+    delta: float,
+    *,
+    value_discretization_interval: float = 1e-4,
+) -> float | None:
+    """ε at δ of ``steps`` composed Poisson-subsampled Gaussian steps by dp-accounting's PLD
+    accountant (Koskela, Jälkö, Honkela 2020; Doroshenko et al. 2022, "Connect the dots"),
+    add/remove adjacency, both orderings. PLD discretises the privacy loss *pessimistically*
+    on a grid of width h = ``value_discretization_interval``: the result is an upper bound on
+    the tight ε and, for one step, exceeds it by at most h (each privacy-loss value is rounded
+    up by less than h, so δ_PLD(ε) ≤ δ(ε − h)). Returns None when dp-accounting is not
+    installed (it is an optional reference)."""
+    q, sigma = _check_profile_args(q, sigma)
+    if not 0.0 < sigma < math.inf:
+        raise ValueError(f"noise_multiplier sigma must be positive and finite, got {sigma!r}")
+    steps = _int("steps", steps, 1)
+    delta = float(delta)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    try:
+        from dp_accounting import dp_event
+        from dp_accounting.pld import PLDAccountant
+    except ImportError:
+        return None
+    accountant = PLDAccountant(value_discretization_interval=value_discretization_interval)
+    event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    accountant.compose(event, steps)
+    return float(accountant.get_epsilon(delta))
+
+
+def _mu_from_rates(fpr: np.ndarray, fnr: np.ndarray, q: float = 1.0) -> np.ndarray:
+    """The largest 1/σ' for which (FPR, FNR) lies on or above the trade-off curve of the
+    subsampled Gaussian with rate q (:func:`subsampled_gaussian_tradeoff`): solving
+    β = (1 − q)(1 − α) + q·Φ(Φ⁻¹(1 − α) − 1/σ') gives
+    1/σ' = Φ⁻¹(1 − α) − Φ⁻¹((β − (1 − q)(1 − α))/q). At q = 1 this is the GDP
+    μ = Φ⁻¹(1 − FPR) − Φ⁻¹(FNR) (Dong, Roth, Su 2019, Corollary 2.13). +inf when no rate-q
+    subsampled Gaussian allows the point (β < (1 − q)(1 − α)); −inf or below when any does."""
+    fpr = np.asarray(fpr, float)
+    fnr = np.asarray(fnr, float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return -special.ndtri(np.asarray(fpr, float)) - special.ndtri(np.asarray(fnr, float))
+        target = fnr if q >= 1.0 else np.clip((fnr - (1.0 - q) * (1.0 - fpr)) / q, 0.0, 1.0)
+        value = -special.ndtri(fpr) - special.ndtri(target)
+    return np.nan_to_num(value, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
 
 
 # ---------------------------------------------------------------------------- selection/evaluation
@@ -242,7 +464,8 @@ class _Test:
     attack: str
     sign: float
     threshold: float
-    form: int  # 0: log((1−δ−FNR)/FPR), 1: log((1−δ−FPR)/FNR), 2: GDP μ
+    form: int  # 0: log((1−δ−FNR)/FPR), 1: log((1−δ−FPR)/FNR), 2: 1/σ' of the rate-q family
+    q: float = 1.0  # form 2 only; q = 1 is the GDP μ
 
 
 def _counts(s0: np.ndarray, s1: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -259,7 +482,17 @@ def _select(
     delta: float,
     confidence: float,
     gdp: bool,
+    q: float = 1.0,
 ) -> _Test | None:
+    """The test maximising the bound on the selection half: the (ε, δ) bound (``gdp=False``) or
+    1/σ' of the rate-q subsampled-Gaussian family (``gdp=True``; q = 1: the GDP μ).
+
+    For the family bound each threshold is scored by the value the evaluation half would give if
+    its rates were the selection half's upper Clopper-Pearson ends (the interval applied twice).
+    This only changes which test is chosen, not the validity of the bound computed on the
+    evaluation half; it penalises thresholds where the bound is ill-conditioned, above all the
+    low tail where 1/σ' is a difference of two small rates, and (with q < 1) would otherwise
+    often win on the selection half by chance and give nothing on the evaluation half."""
     best: tuple[float, _Test] | None = None
     for name in stats0:
         for sign in (1.0, -1.0):
@@ -269,7 +502,9 @@ def _select(
             _, fp_up = clopper_pearson(fp, s0.size, confidence)
             _, fn_up = clopper_pearson(fn, s1.size, confidence)
             if gdp:
-                values = [_mu_from_rates(fp_up, fn_up)]
+                _, fp_up = clopper_pearson(fp_up * s0.size, s0.size, confidence)
+                _, fn_up = clopper_pearson(fn_up * s1.size, s1.size, confidence)
+                values = [_mu_from_rates(fp_up, fn_up, q)]
             else:
                 values = list(epsilon_from_rates(fp_up, fn_up, delta))
             for form, value in enumerate(values):
@@ -277,7 +512,7 @@ def _select(
                 if best is None or value[i] > best[0]:
                     best = (
                         float(value[i]),
-                        _Test(name, sign, float(thresholds[i]), 2 if gdp else form),
+                        _Test(name, sign, float(thresholds[i]), 2 if gdp else form, q),
                     )
     return None if best is None else best[1]
 
@@ -290,7 +525,7 @@ def _evaluate(
     fp_lo, fp_up = clopper_pearson(fp, s0.size, conf)
     fn_lo, fn_up = clopper_pearson(fn, s1.size, conf)
     if test.form == 2:
-        value = float(_mu_from_rates(fp_up, fn_up)[0])
+        value = float(_mu_from_rates(fp_up, fn_up, test.q)[0])
     else:
         value = float(epsilon_from_rates(fp_up, fn_up, delta)[test.form][0])
     return {
@@ -460,8 +695,7 @@ def run_audit(
     delta = _real("delta", delta)
     if delta >= 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if not 0.5 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    confidence = _confidence(confidence)
 
     start = time.perf_counter()
     public_seed = draw_public_seed() if seed is None else _int("seed", seed, 0)
@@ -562,6 +796,16 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         warnings.simplefilter("ignore")
         claimed = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=t_steps, delta=delta)
     mu_claimed = math.sqrt(t_steps) / sigma if q >= 1.0 else None
+    tight, reference = _tight_epsilon(q, sigma, t_steps, delta)
+    if q >= 1.0:  # T Gaussian steps are one Gaussian with μ = √T/σ: σ' = √T/μ
+        noise_upper = _reciprocal(mu_lower) * math.sqrt(t_steps)
+        epsilon_family: float | None = gaussian_epsilon(mu_lower, delta)
+    elif t_steps == 1:
+        family_test = _select(sel0, sel1, delta, conf, gdp=True, q=q)
+        noise_upper = _reciprocal(_evaluate(family_test, ev0, ev1, delta, conf)["value"])
+        epsilon_family = subsampled_gaussian_epsilon(q, noise_upper, delta)
+    else:  # the T-fold composed trade-off curve has no closed form to invert
+        noise_upper, epsilon_family = None, None
     y0, y1 = data.y0, data.y1
     return AuditResult(
         num_directions=data.num_directions,
@@ -575,10 +819,13 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         evaluation_trials=data.trials - half,
         epsilon_lower=main["value"],
         epsilon_claimed=float(claimed),
-        epsilon_tight=None if mu_claimed is None else gaussian_epsilon(mu_claimed, delta),
+        epsilon_tight=tight,
+        tight_reference=reference,
         mu_claimed=mu_claimed,
         mu_lower=mu_lower,
         epsilon_lower_gdp=gaussian_epsilon(mu_lower, delta),
+        noise_multiplier_upper=noise_upper,
+        epsilon_lower_family=epsilon_family,
         attack=test.attack if test.sign > 0 else f"-{test.attack}",
         threshold=test.sign * test.threshold,
         false_positive_rate=main["fpr"],
@@ -595,11 +842,35 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
     )
 
 
+def _tight_epsilon(
+    q: float, sigma: float, steps: int, delta: float
+) -> tuple[float | None, str | None]:
+    """The tight ε of the correct mechanism at δ, and where it comes from."""
+    if q >= 1.0:
+        return gaussian_epsilon(math.sqrt(steps) / sigma, delta), "gaussian"
+    if steps == 1:
+        return subsampled_gaussian_epsilon(q, sigma, delta), "subsampled_gaussian"
+    pld = subsampled_gaussian_epsilon_pld(q, sigma, steps, delta)
+    return (None, None) if pld is None else (pld, "pld")
+
+
+def _reciprocal(mu: float) -> float:
+    """1/μ with 1/0 = inf (no evidence) and 1/inf = 0 (a perfect test)."""
+    return math.inf if mu <= 0.0 else 1.0 / mu
+
+
 class _EmptySampler:
     """D0 with no record at all: every batch is empty."""
 
     def sample_batch(self) -> list[int]:
         return []
+
+
+def _confidence(confidence: object) -> float:
+    value = _real("confidence", confidence)
+    if not 0.5 < value < 1.0:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    return value
 
 
 def _int(name: str, value: object, minimum: int) -> int:
