@@ -355,8 +355,26 @@ def test_any_crash_schedule_ends_at_the_unbroken_run(tmp_path_factory, reference
             continue
     assert torch.equal(_flat(model), reference16)
     assert run.steps_done == 8
-    abandoned = sum(1 for _, kind in plan if kind == "mid-step")
+    abandoned = sum(1 for kind in dict(plan).values() if kind == "mid-step")
     charged = sum(
         e["steps"] for e in run.accountant.history if e["mechanism"] == "subsampled_gaussian"
     )
     assert charged == 8 + abandoned
+
+
+def test_a_journal_that_does_not_continue_the_checkpoint_is_refused_before_any_change(tmp_path):
+    ckpt, log = tmp_path / "c.pt", tmp_path / "j.jsonl"
+    model = _model()
+    training = _run(model, _data(), journal=log)
+    _train(training, model, 4, save_at={2}, path=ckpt)
+    lines = log.read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    # drop the begin record of step 2: its release now has no begin
+    kept = [line for line, r in zip(lines, records, strict=True) if (r["type"], r.get("step"))
+            != ("begin", 2)]  # fmt: skip
+    log.write_text("".join(kept))
+    fresh = _model()
+    before = _flat(fresh)
+    with pytest.raises(JournalError, match=r"does not follow|without its begin"):
+        _run(fresh, _data(), checkpoint=ckpt, journal=log)
+    assert torch.equal(_flat(fresh), before)  # the checkpoint was not loaded into the model

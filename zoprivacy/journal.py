@@ -55,6 +55,7 @@ __all__ = [
     "StepJournal",
     "charge_unreplayable",
     "params_digest",
+    "plan_recovery",
     "recover",
 ]
 
@@ -243,57 +244,71 @@ class Recovery:
     abandoned_steps: tuple[int, ...]
 
 
-def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
-    """Bring ``optimizer`` (restored from a checkpoint taken at journal position ``start``) and
-    its accountant up to date with the journal's later records (module docstring).
-
-    Each ``begin`` charges the optimizer's accountant once (σ_t, q as recorded), as the process
-    that wrote it had been charged; a completed step is then replayed with
-    ``optimizer.replay_release``. Raises :class:`JournalError` if the records do not continue the
-    optimizer's step count.
-    """
+def _check_position(journal: StepJournal, start: int) -> None:
     if not 0 < start <= journal.records:
         raise JournalError(
             f"the checkpoint is at journal position {start}, but the journal has "
             f"{journal.records} records: this is not the journal of that checkpoint (or it was "
             "truncated); restore the right journal file"
         )
-    accountant = optimizer.accountant
-    records = journal.entries(start)
-    replayed, abandoned = 0, []
+
+
+def plan_recovery(
+    journal: StepJournal, start: int, first_step: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Check the records after position ``start`` and list what :func:`recover` will do:
+    ``("charge", begin)`` and ``("replay", release)`` in order. Nothing is changed, so a caller
+    can refuse a bad journal before it touches the model. ``first_step`` is the checkpoint's
+    step count; every ``begin`` must be for the step the run is at."""
+    _check_position(journal, start)
+    actions: list[tuple[str, dict[str, Any]]] = []
+    step = first_step
     pending: dict[str, Any] | None = None
-
-    def charge(rec: dict[str, Any]) -> None:
-        if accountant is None:
-            return
-        sigma = float(rec["noise_multiplier"])
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise JournalError(f"journal record {rec} has an invalid noise multiplier")
-        budget, accountant.budget = accountant.budget, None  # it fitted when it was charged
-        try:
-            accountant.step(noise_multiplier=sigma, sample_rate=float(rec["sample_rate"]))
-        finally:
-            accountant.budget = budget
-
-    for rec in records:
+    for rec in journal.entries(start):
         kind = rec.get("type")
         if kind == "size":
             raise JournalError("the journal records a size release after the checkpoint")
-        if kind not in ("begin", "release"):
-            raise JournalError(f"unknown journal record {kind!r}")
         if kind == "begin":
-            if pending is not None:  # the previous attempt never released
-                abandoned.append(int(pending["step"]))
-            if int(rec["step"]) != optimizer.steps_taken:
+            if int(rec["step"]) != step:
                 raise JournalError(
-                    f"journal step {rec['step']} does not follow the optimizer's "
-                    f"{optimizer.steps_taken} steps: the checkpoint and journal disagree"
+                    f"journal step {rec['step']} does not follow the checkpoint's {step} steps: "
+                    "the checkpoint and journal disagree"
                 )
-            charge(rec)
+            sigma = float(rec["noise_multiplier"])
+            if not (sigma > 0 and math.isfinite(sigma)):
+                raise JournalError(f"journal record {rec} has an invalid noise multiplier")
+            actions.append(("charge", rec))
             pending = rec
-        else:
+        elif kind == "release":
             if pending is None or int(rec["step"]) != int(pending["step"]):
                 raise JournalError(f"journal release of step {rec['step']} without its begin")
+            actions.append(("replay", rec))
+            pending = None
+            step += 1
+        else:
+            raise JournalError(f"unknown journal record {kind!r}")
+    return actions
+
+
+def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
+    """Bring ``optimizer`` (restored from a checkpoint taken at journal position ``start``) and
+    its accountant up to date with the journal's later records (module docstring).
+
+    Each ``begin`` charges the optimizer's accountant once (σ_t, q as recorded), as the process
+    that wrote it had been charged; a completed step is then replayed with
+    ``optimizer.replay_release``. A ``begin`` not followed by its ``release`` is an abandoned
+    step: charged, never applied. Raises :class:`JournalError` (before changing anything) if the
+    records do not continue the optimizer's step count.
+    """
+    actions = plan_recovery(journal, start, optimizer.steps_taken)
+    accountant = optimizer.accountant
+    replayed, begun = 0, []
+    for action, rec in actions:
+        if action == "charge":
+            begun.append(int(rec["step"]))
+            if accountant is not None:
+                _force_step(accountant, rec)
+        else:
             optimizer.replay_release(
                 _decode_tensor(rec["noisy_sum"]),
                 lrs=rec["lrs"],
@@ -301,10 +316,23 @@ def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
                 noise_state=_decode_noise(rec["noise"]),
             )
             replayed += 1
-            pending = None
-    if pending is not None:
-        abandoned.append(int(pending["step"]))
+    abandoned = list(begun)
+    for action, rec in actions:  # each replayed step removes its own begin
+        if action == "replay":
+            abandoned.remove(int(rec["step"]))
     return Recovery(replayed, len(abandoned), tuple(abandoned))
+
+
+def _force_step(accountant: Any, rec: dict[str, Any]) -> None:
+    """Charge a recorded step whatever the budget says: it was charged (and fitted) when it ran,
+    and the data was read, so the charge must be recorded."""
+    budget, accountant.budget = accountant.budget, None
+    try:
+        accountant.step(
+            noise_multiplier=float(rec["noise_multiplier"]), sample_rate=float(rec["sample_rate"])
+        )
+    finally:
+        accountant.budget = budget
 
 
 def charge_unreplayable(accountant: Any, journal: StepJournal, start: int) -> Recovery:
@@ -312,25 +340,14 @@ def charge_unreplayable(accountant: Any, journal: StepJournal, start: int) -> Re
     d-dimensional gradient, not K numbers): the journal holds only ``begin`` records, and every
     step begun after the checkpoint at position ``start`` is charged to ``accountant`` as
     abandoned (its update is lost with the process; running it again is a new release)."""
-    if not 0 < start <= journal.records:
-        raise JournalError(
-            f"the checkpoint is at journal position {start}, but the journal has "
-            f"{journal.records} records: restore this run's journal"
-        )
+    _check_position(journal, start)
     steps = []
     for rec in journal.entries(start):
         if rec.get("type") != "begin":
             raise JournalError(
                 f"unexpected journal record {rec.get('type')!r} after the checkpoint"
             )
-        budget, accountant.budget = accountant.budget, None
-        try:
-            accountant.step(
-                noise_multiplier=float(rec["noise_multiplier"]),
-                sample_rate=float(rec["sample_rate"]),
-            )
-        finally:
-            accountant.budget = budget
+        _force_step(accountant, rec)
         steps.append(int(rec["step"]))
     return Recovery(0, len(steps), tuple(steps))
 

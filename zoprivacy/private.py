@@ -26,7 +26,14 @@ from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
 from zoprivacy.accounting import _validate as check
 from zoprivacy.data import poisson_loader, release_size
 from zoprivacy.distributed import distributed_poisson_loader, is_root, release_size_distributed
-from zoprivacy.journal import JournalError, Recovery, StepJournal, params_digest, recover
+from zoprivacy.journal import (
+    JournalError,
+    Recovery,
+    StepJournal,
+    params_digest,
+    plan_recovery,
+    recover,
+)
 from zoprivacy.optimizer import DPAggZO
 
 _FORMAT = "zoprivacy.PrivateTraining/1"
@@ -473,6 +480,10 @@ def _resume(
             "shapes differ): resume with the same model and the same trainable selection"
         )
     log = _resume_journal(state.get("journal"), journal, saved)  # checked before any write
+    if log is not None and state.get("journal") is not None:  # a bad tail: refuse it now
+        plan_recovery(
+            log, int(state["journal"]["records"]), int(state["optimizer"]["zoprivacy"]["step"])
+        )
     zo = state["optimizer"]["zoprivacy"]
     with torch.no_grad():  # before DPAggZO, which checks the parameters across ranks
         for p, s in zip(trainable, saved, strict=True):
