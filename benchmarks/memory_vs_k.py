@@ -1,8 +1,23 @@
-"""Peak memory of one DP-AggZO step for K in 1..256, against Opacus DP-AdamW and inference.
+"""Peak memory of one DP-AggZO step for K in 1..256, against Opacus DP-AdamW, DPZO and inference.
 
-Setting (full run): the packaged all-MiniLM-L6-v2 classifier (22.7M parameters, float32), every
-parameter trainable (full fine-tuning), one fixed batch of 16 Rotten Tomatoes training sentences
-tokenised with ``max_length=64`` (padded to the longest: 55 tokens), clip c = 1, σ = 1, b = 16.
+Configurations (``--configs MODEL/TRAINABLE``, the paper's Table 3 on both packaged models):
+
+* ``minilm/all``: the all-MiniLM-L6-v2 classifier (22.7M parameters, float32), every parameter
+  trainable (full fine-tuning), one fixed batch of 16 Rotten Tomatoes training sentences
+  tokenised with ``max_length=64`` (padded to the longest: 55 tokens);
+* ``minilm/classifier``: the same model and batch, only the classification head trainable (the
+  utility rows' selection);
+* ``smollm2/all``: SmolLM2-135M-Instruct (134.5M parameters, float32) answering with the label
+  words " negative"/" positive" through a :class:`~zoprivacy.prefix.LabelWordHead` (a module,
+  so Opacus sees it), every parameter trainable; one batch of **4** prompts
+  ``"Review: {s}\nSentiment:"`` with ``max_length=32`` (31 tokens). The batch is small so that
+  K = 256 (512 forward passes, 768 regenerations of 134.5M-entry directions) stays affordable;
+* ``smollm2/head``: the same, only the final norm trainable (the ``zoprivacy finetune`` default
+  ``head`` of the utility rows; the label-word rows stay frozen).
+
+All use clip c = 1, σ = 1, b = the batch size, φ = 1e-3. The closure runs the whole model in
+every configuration (no frozen-prefix cache), so the head rows measure the optimizer against
+Opacus on the same forward pass, not the cache.
 
 Each configuration runs in a fresh subprocess (``--worker``), single-threaded, so that no
 allocator cache or lazily loaded code of one configuration inflates another:
@@ -21,7 +36,9 @@ allocator cache or lazily loaded code of one configuration inflates another:
    allocation events gives ``torch_peak_step_mib``, the peak of torch allocations made during the
    step net of what was live before it (transient memory only: no allocator caching, no Python).
 
-Methods: ``dpaggzo`` (this library, K = 1..256), ``dpadamw`` (Opacus 1.6 ``GradSampleModule``
+Methods: ``dpaggzo`` (this library, K = 1..256), ``dpzo`` (:class:`zoprivacy.DPZO`, the K = 1
+preset, clip c on the scalar; the same code path as ``dpaggzo`` K = 1, measured in its own
+worker), ``dpadamw`` (Opacus 1.6 ``GradSampleModule``
 with hook-computed per-sample gradients + ``DPOptimizer`` around ``torch.optim.AdamW``, same
 batch, clip and σ; the model in train mode because Opacus only records activations of training
 modules; dropout is then on, as in real DP fine-tuning) and ``inference`` (one forward pass of
@@ -49,7 +66,11 @@ ids from a ``[1, L]`` buffer, so the hook computes a per-sample gradient of the 
 embedding with batch dimension 1. Passing ``position_ids`` explicitly, expanded to ``[B, L]``,
 fixes it (same logits); no layer has to be frozen.
 
-Run: ``python -m benchmarks.memory_vs_k`` → ``benchmarks/results/memory_vs_k.json`` and ``.png``.
+Run: ``python -m benchmarks.memory_vs_k`` → ``benchmarks/results/memory_vs_k.json`` and ``.png``
+(one panel per configuration). ``--configs``, ``--methods`` and ``--ks`` choose what runs;
+``--merge`` keeps the rows of the existing JSON that are not re-run (the committed file merges
+the first MiniLM full fine-tuning run with the later configurations; ``config.runs`` lists each
+run with its machine and date). Ratios per configuration are in ``ratios_by_config``.
 ``--quick``: a tiny MLP on random data, K in {1, 4}, writes ``memory_vs_k_quick.json`` (in
 ``--out`` when given), for the smoke test.
 """
@@ -115,8 +136,36 @@ class Workload:
     train_loss: Callable[[Any], Any]  # mean loss of a (wrapped) module, with autograd
 
 
-def real_workload() -> Workload:
-    """MiniLM classifier + 16 Rotten Tomatoes training sentences (max_length 64), all trainable."""
+#: The (model, trainable selection) configurations of the full run. ``all`` is full fine-tuning;
+#: ``classifier`` (MiniLM) and ``head`` (SmolLM2: the final norm) are the selections of the
+#: utility rows (``benchmarks/utility.py`` and the ``zoprivacy finetune`` defaults).
+CONFIGS = (("minilm", "all"), ("minilm", "classifier"), ("smollm2", "all"), ("smollm2", "head"))
+#: SmolLM2 batch: kept small so that K = 256 stays affordable (512 forward passes per step).
+SMOLLM2_BATCH = 4
+SMOLLM2_MAX_LENGTH = 32
+SMOLLM2_TEMPLATE = ("Review: {s}\nSentiment:", (" negative", " positive"))
+
+
+def _own_memory(model: Any) -> None:
+    """Copy parameters and buffers out of the memory-mapped checkpoint (module docstring)."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
+def real_workload(model_name: str = "minilm", trainable: str = "all") -> Workload:
+    """A packaged model + 16 (MiniLM) or 4 (SmolLM2) Rotten Tomatoes training records.
+
+    ``trainable``: ``all`` (full fine-tuning), ``classifier`` (MiniLM's classification head) or
+    ``head`` (SmolLM2's final norm; the label-word rows stay frozen, as in ``zoprivacy
+    finetune``).
+    """
+    if model_name == "smollm2":
+        return _smollm2_workload(trainable)
+    if model_name != "minilm":
+        raise ValueError(f"unknown model {model_name!r}; use minilm or smollm2")
     import torch
     import torch.nn.functional as F
 
@@ -124,11 +173,11 @@ def real_workload() -> Workload:
     from zoprivacy.tasks import encode_classification, sequence_classification_losses
 
     model, tokenizer = load_minilm_classifier(2, seed=0)
-    with torch.no_grad():  # copy out of the memory-mapped checkpoint (module docstring)
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    _own_memory(model)
+    if trainable not in ("all", "classifier"):
+        raise ValueError(f"minilm trainable must be all or classifier, got {trainable!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or name.startswith("classifier."))
     data = load_rotten_tomatoes()
     train = make_splits(data.texts, data.labels, test_size=1000, seed=0).train
     batch = encode_classification(tokenizer, train.texts[:BATCH], train.labels[:BATCH], MAX_LENGTH)
@@ -145,7 +194,69 @@ def real_workload() -> Workload:
     def train_loss(module: Any) -> Any:
         return F.cross_entropy(module(**inputs).logits, labels)
 
-    return Workload("all-MiniLM-L6-v2 classifier", model, rows, seq_len, losses, train_loss)
+    name = "all-MiniLM-L6-v2 classifier"
+    return Workload(name, model, rows, seq_len, losses, train_loss)
+
+
+def _smollm2_workload(trainable: str) -> Workload:
+    """SmolLM2-135M-Instruct, prompt classification through a :class:`LabelWordHead`.
+
+    The model and the label-word head sit in one module (``PromptClassifier``) whose forward
+    gives the ``[B, 2]`` label-word logits at each record's answer position: Opacus wraps it
+    as a whole, and its ``parameters()`` are the trainable set of both methods (the tied
+    embedding counted once).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from zoprivacy import tasks
+    from zoprivacy.packaged import load_rotten_tomatoes, load_smollm2, make_splits
+    from zoprivacy.prefix import LabelWordHead
+    from zoprivacy.tasks.losses import _hidden_states
+
+    if trainable not in ("all", "head"):
+        raise ValueError(f"smollm2 trainable must be all or head, got {trainable!r}")
+    lm, tokenizer = load_smollm2()
+    _own_memory(lm)
+    data = load_rotten_tomatoes()
+    train = make_splits(data.texts, data.labels, test_size=1000, seed=0).train
+    template, words = SMOLLM2_TEMPLATE
+    n = SMOLLM2_BATCH
+    batch, ids = tasks.encode_prompts(
+        tokenizer, train.texts[:n], train.labels[:n], template, words, max_length=SMOLLM2_MAX_LENGTH
+    )
+    head = LabelWordHead(lm, ids)
+
+    class PromptClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+            self.label_head = head
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden, mask = _hidden_states(
+                self.lm.model, {"input_ids": input_ids, "attention_mask": attention_mask}, "cpu"
+            )
+            pos = tasks.answer_positions(mask)
+            return self.label_head(hidden[torch.arange(hidden.shape[0]), pos])
+
+    model = PromptClassifier().eval()
+    for p in model.parameters():
+        p.requires_grad_(trainable == "all")
+    if trainable == "head":
+        lm.model.norm.weight.requires_grad_(True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+
+    def losses() -> Any:
+        return head.losses(lm, batch)
+
+    def train_loss(module: Any) -> Any:
+        return F.cross_entropy(module(**inputs), labels)
+
+    rows, seq_len = batch["input_ids"].shape
+    return Workload("SmolLM2-135M-Instruct (prompt)", model, rows, seq_len, losses, train_loss)
 
 
 def tiny_workload() -> Workload:
@@ -288,6 +399,19 @@ def _step_fn(
             return lambda: opt.step(work.losses)
 
         return make(1), make(k)  # type: ignore[arg-type]
+    if method == "dpzo":
+        from zoprivacy.optimizer import DPZO
+
+        params = [p for p in work.model.parameters() if p.requires_grad]
+        opt = DPZO(
+            params,
+            LR,
+            clip_norm=CLIP,
+            noise_multiplier=SIGMA,
+            expected_batch_size=work.batch_size,
+            seed=0,
+        )
+        return (lambda: opt.step(work.losses)), (lambda: opt.step(work.losses))
     if method == "dpadamw":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -317,7 +441,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    work = tiny_workload() if spec["quick"] else real_workload()
+    if spec["quick"]:
+        work = tiny_workload()
+    else:
+        work = real_workload(spec.get("model", "minilm"), spec.get("trainable", "all"))
     warm, measured = _step_fn(spec["method"], work, spec.get("K"))
     load_peak = _status_mib("VmHWM")
     gc.collect()
@@ -352,6 +479,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_method": peak.method,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "model": work.name,
+        "model_key": spec.get("model", "tiny" if spec["quick"] else "minilm"),
+        "trainable": spec.get("trainable", "all"),
     }
 
 
@@ -391,27 +520,62 @@ def save(name: str, payload: dict[str, Any], out: str | None) -> Path:
     return path
 
 
+def config_key(row: dict[str, Any]) -> str:
+    """``"model/trainable"`` of a row; rows of the first run (MiniLM only) are ``minilm/all``."""
+    return f"{row.get('model_key', 'minilm')}/{row.get('trainable', 'all')}"
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ratios quoted in the README, for the rows of one configuration."""
     zo = {r["K"]: r["extra_step_mib"] for r in rows if r["method"] == "dpaggzo"}
-    adamw = next(r["extra_step_mib"] for r in rows if r["method"] == "dpadamw")
-    infer = next(r["extra_step_mib"] for r in rows if r["method"] == "inference")
+    adamw = next((r["extra_step_mib"] for r in rows if r["method"] == "dpadamw"), None)
+    infer = next((r["extra_step_mib"] for r in rows if r["method"] == "inference"), None)
+    dpzo = next((r["extra_step_mib"] for r in rows if r["method"] == "dpzo"), None)
     largest = rows[0]["largest_param_mib"]
     out: dict[str, Any] = {
-        "dpadamw_over_dpaggzo_extra": {str(k): adamw / v for k, v in zo.items()},
-        "dpaggzo_extra_max_over_min": max(zo.values()) / min(zo.values()),
-        "dpaggzo_extra_minus_inference_extra_mib": {str(k): v - infer for k, v in zo.items()},
+        "dpaggzo_extra_max_over_min": max(zo.values()) / min(zo.values()) if zo else None,
         "largest_param_mib": largest,
-        "dpaggzo_extra_median_mib": statistics.median(zo.values()),
+        "dpaggzo_extra_median_mib": statistics.median(zo.values()) if zo else None,
         "dpadamw_extra_mib": adamw,
         "inference_extra_mib": infer,
+        "dpzo_extra_mib": dpzo,
     }
+    if adamw is not None:
+        out["dpadamw_over_dpaggzo_extra"] = {str(k): adamw / v for k, v in zo.items()}
+        if dpzo is not None:
+            out["dpadamw_over_dpzo_extra"] = adamw / dpzo
+    if infer is not None:
+        out["dpaggzo_extra_minus_inference_extra_mib"] = {str(k): v - infer for k, v in zo.items()}
+    torch_zo = {
+        r["K"]: r["torch_peak_step_mib"]
+        for r in rows
+        if r["method"] == "dpaggzo" and r["torch_peak_step_mib"] is not None
+    }
+    if len(torch_zo) > 1:
+        out["dpaggzo_torch_peak_max_over_min"] = max(torch_zo.values()) / min(torch_zo.values())
+    adamw_torch = next((r["torch_peak_step_mib"] for r in rows if r["method"] == "dpadamw"), None)
+    if adamw_torch is not None and torch_zo:
+        out["dpadamw_over_dpaggzo_torch_peak"] = {
+            str(k): adamw_torch / v for k, v in torch_zo.items()
+        }
     control = {r["K"]: r["extra_step_mib"] for r in rows if r["method"] == CONTROL}
     if control:
         out["control_mmap64k_extra_mib"] = {str(k): v for k, v in control.items()}
         out["control_mmap64k_extra_max_over_min"] = max(control.values()) / min(control.values())
     for k in (16, 256):
-        if k in zo:
+        if k in zo and adamw is not None:
             out[f"dpadamw_over_dpaggzo_extra_K{k}"] = adamw / zo[k]
+    return out
+
+
+def _configs(text: str) -> list[tuple[str, str]]:
+    out = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        model, _, trainable = part.partition("/")
+        if (model, trainable) not in CONFIGS:
+            known = ", ".join(f"{m}/{t}" for m, t in CONFIGS)
+            raise SystemExit(f"--configs: unknown {part!r}; choose from {known}")
+        out.append((model, trainable))
     return out
 
 
@@ -420,6 +584,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny MLP, K in {1, 4} (smoke test)")
     parser.add_argument("--out", help="folder for the JSON and PNG (default benchmarks/results)")
     parser.add_argument("--ks", type=int, nargs="+", help="K values (default 1 4 16 64 256)")
+    parser.add_argument(
+        "--configs",
+        default=",".join(f"{m}/{t}" for m, t in CONFIGS),
+        help="MODEL/TRAINABLE configurations of the full run, comma-separated (default all: "
+        + ", ".join(f"{m}/{t}" for m, t in CONFIGS)
+        + ")",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing JSON for configurations (and methods/K) not re-run",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["inference", "dpaggzo", "dpzo", "dpadamw"],
+        help="methods of the full run (default inference dpaggzo dpzo dpadamw)",
+    )
     parser.add_argument(
         "--profile-max-k",
         type=int,
@@ -431,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="*",
         help="K values of the allocator control: DP-AggZO with MALLOC_MMAP_THRESHOLD_=65536 "
-        "(default 1 16 64; none with --quick)",
+        "(default none; the minilm/all control of the first run is kept by --merge)",
     )
     parser.add_argument(
         "--control-only",
@@ -445,23 +627,33 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     ks = args.ks or (QUICK_KS if args.quick else KS)
-    control_ks = (
-        args.control_ks if args.control_ks is not None else ([] if args.quick else CONTROL_KS)
-    )
-    control = [{"method": CONTROL, "K": k, "env": CONTROL_ENV} for k in control_ks]
-    specs = [
-        {"method": "inference"},
-        *({"method": "dpaggzo", "K": k} for k in ks),
-        {"method": "dpadamw"},
-        *control,
-    ]
+    control_ks = args.control_ks if args.control_ks is not None else []
     name = "memory_vs_k_quick" if args.quick else "memory_vs_k"
+    path_in = (RESULTS if args.out is None else Path(args.out)) / f"{name}.json"
+    if args.quick:
+        configs = [("tiny", "all")]
+        methods = ["inference", "dpaggzo", "dpadamw"]
+    else:
+        configs = _configs(args.configs)
+        methods = args.methods
+    specs: list[dict[str, Any]] = []
+    for model, trainable in configs:
+        where = {} if args.quick else {"model": model, "trainable": trainable}
+        control = [{"method": CONTROL, "K": k, "env": CONTROL_ENV, **where} for k in control_ks]
+        if args.control_only:
+            specs += control
+            continue
+        for method in methods:
+            if method == "dpaggzo":
+                specs += [{"method": "dpaggzo", "K": k, **where} for k in ks]
+            elif method == "dpzo":
+                specs.append({"method": "dpzo", "K": 1, **where})
+            else:
+                specs.append({"method": method, **where})
+        specs += control
     previous = None
-    if args.control_only:
-        previous = json.loads(
-            ((RESULTS if args.out is None else Path(args.out)) / f"{name}.json").read_text()
-        )
-        specs = control
+    if args.control_only or args.merge:
+        previous = json.loads(path_in.read_text())
     rows = []
     started = time.perf_counter()
     for spec in specs:
@@ -474,63 +666,97 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         torch_peak = row["torch_peak_step_mib"]
         print(
-            f"{row['method']:<15} K={row['K']!s:<4} extra {row['extra_step_mib']:8.1f} MiB  "
-            f"peak RSS {row['peak_rss_mib']:8.1f} MiB  torch peak "
-            f"{'-' if torch_peak is None else f'{torch_peak:.1f}'} MiB  "
+            f"{config_key(row):<20} {row['method']:<15} K={row['K']!s:<4} extra "
+            f"{row['extra_step_mib']:8.1f} MiB  peak RSS {row['peak_rss_mib']:8.1f} MiB  torch "
+            f"peak {'-' if torch_peak is None else f'{torch_peak:.1f}'} MiB  "
             f"{row['seconds_per_step']:7.2f} s/step",
             flush=True,
         )
     if previous is not None:
-        previous["rows"] = [r for r in previous["rows"] if r["method"] != CONTROL] + rows
-        previous["ratios"] = ratios(previous["rows"])
-        previous["config"]["control_ks"] = list(control_ks)
-        previous["config"]["control_env"] = CONTROL_ENV
-        previous["config"]["control_machine"] = machine()
-        path = save(f"{name}.json", previous, args.out)
-        plot(previous, path.with_suffix(".png"))
-        print(f"merged the control into {path}")
-        return
-    first = rows[0]
-    payload = {
-        "machine": machine(),
-        "config": {
-            "model": first["model"],
-            "model_params": first["model_params"],
-            "model_param_mib": first["model_param_mib"],
-            "largest_param_mib": first["largest_param_mib"],
-            "batch": first["batch"],
-            "seq_len": first["seq_len"],
-            "max_length": None if args.quick else MAX_LENGTH,
-            "clip_norm": CLIP,
-            "noise_multiplier": SIGMA,
-            "expected_batch_size": first["batch"],
-            "ks": list(ks),
-            "dpaggzo_warmup_k": 1,
-            "profile_max_k": args.profile_max_k,
-            "threads_per_process": 1,
-            "quick": args.quick,
-            "control_ks": list(control_ks),
-            "control_env": CONTROL_ENV,
-            "wall_seconds": time.perf_counter() - started,
-        },
-        "rows": rows,
-        "ratios": ratios(rows),
-    }
+        done = {(config_key(r), r["method"], r["K"]) for r in rows}
+        kept = [r for r in previous["rows"] if (config_key(r), r["method"], r["K"]) not in done]
+        all_rows = kept + rows
+        payload = previous
+        payload["rows"] = all_rows
+        payload["config"].setdefault("runs", []).append(
+            {
+                "machine": machine(),
+                "configs": [f"{m}/{t}" for m, t in configs],
+                "specs": [
+                    f"{s.get('model')}/{s.get('trainable')} {s['method']} K={s.get('K')}"
+                    for s in specs
+                ],
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
+    else:
+        all_rows = rows
+        first = rows[0]
+        payload = {
+            "machine": machine(),
+            "config": {
+                "batch": first["batch"]
+                if args.quick
+                else {"minilm": BATCH, "smollm2": SMOLLM2_BATCH},
+                "seq_len": first["seq_len"],
+                "max_length": None
+                if args.quick
+                else {"minilm": MAX_LENGTH, "smollm2": SMOLLM2_MAX_LENGTH},
+                "model": first["model"],
+                "model_params": first["model_params"],
+                "largest_param_mib": first["largest_param_mib"],
+                "clip_norm": CLIP,
+                "noise_multiplier": SIGMA,
+                "ks": list(ks),
+                "dpaggzo_warmup_k": 1,
+                "profile_max_k": args.profile_max_k,
+                "threads_per_process": 1,
+                "quick": args.quick,
+                "control_ks": list(control_ks),
+                "control_env": CONTROL_ENV,
+                "wall_seconds": time.perf_counter() - started,
+            },
+            "rows": rows,
+        }
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in all_rows:
+        by_config.setdefault(config_key(r), []).append(r)
+    if args.quick:
+        payload["ratios"] = ratios(all_rows)
+    else:
+        payload["ratios_by_config"] = {k: ratios(v) for k, v in by_config.items()}
+        payload["ratios"] = payload["ratios_by_config"].get("minilm/all", {})
     path = save(f"{name}.json", payload, args.out)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path}")
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
+    """One panel per configuration: extra memory of a step against K, baselines as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["rows"]
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        by_config.setdefault(config_key(r), []).append(r)
+    keys = sorted(by_config)
+    cols = min(2, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        _panel(ax, key, by_config[key])
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax: Any, key: str, rows: list[dict[str, Any]]) -> None:
     zo = sorted((r for r in rows if r["method"] == "dpaggzo"), key=lambda r: r["K"])
     ks = [r["K"] for r in zo]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(ks, [r["extra_step_mib"] for r in zo], "o-", label="DP-AggZO (peak RSS − baseline)")
     prof = [(r["K"], r["torch_peak_step_mib"]) for r in zo if r["torch_peak_step_mib"] is not None]
     if prof:
@@ -546,32 +772,32 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         )
     for method, style, label in (
         ("dpadamw", "r-", "Opacus DP-AdamW"),
+        ("dpzo", "g--", "DPZO (K = 1)"),
         ("inference", "k:", "inference forward only"),
     ):
-        value = next(r["extra_step_mib"] for r in rows if r["method"] == method)
-        ax.axhline(value, color=style[0], ls=style[1:], label=f"{label} ({value:.0f} MiB)")
+        value = next((r["extra_step_mib"] for r in rows if r["method"] == method), None)
+        if value is not None:
+            ax.axhline(value, color=style[0], ls=style[1:], label=f"{label} ({value:.0f} MiB)")
+    first = rows[0]
     ax.axhline(
-        payload["config"]["largest_param_mib"],
+        first["largest_param_mib"],
         color="grey",
         ls="-.",
         lw=0.8,
-        label="largest parameter tensor (scratch buffer)",
+        label="largest trainable tensor (scratch buffer)",
     )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
+    if ks:
+        ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (directions per step)")
     ax.set_ylabel("extra memory of a step (MiB, log)")
-    cfg = payload["config"]
     ax.set_title(
-        f"{cfg['model']}, {cfg['model_params'] / 1e6:.1f}M params, "
-        f"batch {cfg['batch']}×{cfg['seq_len']}",
+        f"{first['model']} [{key}], {first['model_params'] / 1e6:.3g}M trainable, "
+        f"batch {first['batch']}×{first['seq_len']}",
         fontsize=9,
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
