@@ -10,15 +10,21 @@ Three parts, one JSON (``benchmarks/results/audit.json``) and one figure (``audi
    ``epsilon_lower`` (rigorous 95% bound, threshold chosen on a held-out half) and
    ``epsilon_lower_gdp`` (the ε of the 95% lower bound on μ, the yardstick when the mechanism is
    Gaussian).
-2. **Floating point**: the same trials analysed with the float attacks (``release:float``,
+2. **Subsampled** (q < 1, one step, δ = 1e-5 and δ = 1e-2): q ∈ {0.5, 0.1}, K ∈ {1, 8, 64},
+   same attacks. ``epsilon_tight`` is now the exact one-step subsampled Gaussian
+   (:func:`zoprivacy.audit.subsampled_gaussian_epsilon`), and ``epsilon_lower_family`` the ε of
+   the 95% upper bound ``noise_multiplier_upper`` (σ̂) on the noise multiplier of the rate-q
+   family (the analogue of ``epsilon_lower_gdp``). σ = 1 for q = 0.5 and σ = 0.5 for q = 0.1
+   (at q = 0.1 and σ = 1 the canary is too faint for a few thousand trials to say much).
+3. **Floating point**: the same trials analysed with the float attacks (``release:float``,
    ``release:grid``): the optimizer's ``noisy_sum + v`` in float64 leaks; an emulation of the
    proposed ``NoiseSource.add_noise`` hook (clipped sum and noise on the grid, exact) does not.
-3. **Cost of the exact noise**: time per call of ``sample_noise(K, σc, None)`` (discrete Gaussian
+4. **Cost of the exact noise**: time per call of ``sample_noise(K, σc, None)`` (discrete Gaussian
    + dither, OS entropy), of ``NoiseSource.add_noise`` (snapped, exact) and of the previous path
    (``torch.randn`` from a generator seeded with 64 OS-entropy bits) for K = 1 … 256, next to
    one DP-AggZO step of the audit's tiny model.
 
-Run: ``python -m benchmarks.audit`` (about 15-30 minutes on 2 cores) or ``--quick`` (seconds,
+Run: ``python -m benchmarks.audit`` (about 15-20 minutes of one core) or ``--quick`` (seconds,
 for smoke tests; writes ``audit_quick.json``). ``--out DIR`` writes elsewhere.
 """
 
@@ -50,12 +56,21 @@ FULL = {
         (64, 1.0, 1000),
         (64, 2.0, 1000),
     ],
+    "subsampled_configs": [  # (q, σ, K, trials per dataset)
+        (0.5, 1.0, 1, 20000),
+        (0.5, 1.0, 8, 4000),
+        (0.5, 1.0, 64, 1000),
+        (0.1, 0.5, 1, 20000),
+        (0.1, 0.5, 8, 4000),
+        (0.1, 0.5, 64, 1000),
+    ],
     "float_configs": [(8, 4.0, 500)],
     "noise_k": [1, 2, 4, 8, 16, 32, 64, 128, 256],
     "noise_repeats": 30,
 }
 QUICK = {
     "configs": [(1, 1.0, 60), (8, 2.0, 40)],
+    "subsampled_configs": [(0.5, 1.0, 1, 60), (0.1, 0.5, 8, 40)],
     "float_configs": [(8, 4.0, 30)],
     "noise_k": [1, 8],
     "noise_repeats": 3,
@@ -73,6 +88,10 @@ class _GridNoise:
         return torch.tensor(
             [secure_noise.discrete_gaussian(sigma2) * grid for _ in range(k)], dtype=torch.float64
         )
+
+    def add_noise(self, values, std, *, sensitivity=None):
+        """The optimizer releases through ``add_noise``: grid noise on the (snapped) sum."""
+        return values.to(torch.float64) + self.sample(values.numel(), std)
 
     def state_dict(self):
         return {"mode": "os_entropy"}
@@ -99,6 +118,7 @@ def _row(result, **extra):
     keep = [
         "num_directions",
         "noise_multiplier",
+        "sample_rate",
         "delta",
         "trials",
         "evaluation_trials",
@@ -106,6 +126,9 @@ def _row(result, **extra):
         "epsilon_tight",
         "epsilon_lower",
         "epsilon_lower_gdp",
+        "epsilon_lower_family",
+        "noise_multiplier_upper",
+        "tight_reference",
         "mu_claimed",
         "mu_lower",
         "attack",
@@ -126,6 +149,14 @@ def _row(result, **extra):
         d["epsilon_lower"] / d["epsilon_tight"] if d["epsilon_tight"] else None
     )
     row["gdp_over_claimed"] = d["epsilon_lower_gdp"] / d["epsilon_claimed"]
+    tight, family = d["epsilon_tight"], d["epsilon_lower_family"]
+    row["tight_over_claimed"] = tight / d["epsilon_claimed"] if tight is not None else None
+    row["family_over_tight"] = family / tight if tight and family is not None else None
+    row["family_over_claimed"] = family / d["epsilon_claimed"] if family is not None else None
+    sigma_hat = d["noise_multiplier_upper"]
+    row["sigma_upper_over_sigma"] = (
+        sigma_hat / d["noise_multiplier"] if sigma_hat is not None else None
+    )
     row.update(extra)
     return row
 
@@ -161,6 +192,29 @@ def _audits(plan, log):
             float_rows.append(_row(result, implementation=name))
             log(f"   {name}: {result.summary()}")
     return gaussian_rows, float_rows
+
+
+def _subsampled(plan, log):
+    rows = []
+    for q, sigma, k, trials in plan["subsampled_configs"]:
+        result = run_audit(
+            num_directions=k,
+            noise_multiplier=sigma,
+            trials=trials,
+            delta=1e-5,
+            sample_rate=q,
+            attacks=GAUSSIAN,
+        )
+        for delta in (1e-5, 1e-2):
+            r = result.reanalyse(delta=delta)
+            rows.append(_row(r, implementation="DPAggZO"))
+            log(
+                f"q={q:g} K={k:3d} σ={sigma:g} δ={delta:g}: ε_lower={r.epsilon_lower:.3f} "
+                f"ε_family={r.epsilon_lower_family:.3f} (σ̂={r.noise_multiplier_upper:.3f}) "
+                f"tight={r.epsilon_tight:.3f} claimed={r.epsilon_claimed:.3f} "
+                f"({result.seconds:.0f} s)"
+            )
+    return rows
 
 
 def _time(fn, repeats):
@@ -216,7 +270,8 @@ def _plot(payload, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, grid = plt.subplots(2, 3, figsize=(16, 9.6))
+    axes = grid[0]
     for ax, delta in zip(axes[:2], (1e-5, 1e-2), strict=True):
         rows = [r for r in payload["gaussian"] if r["delta"] == delta]
         labels = [f"K={r['num_directions']}\nσ={r['noise_multiplier']:g}" for r in rows]
@@ -234,6 +289,39 @@ def _plot(payload, path):
         ax.set_ylabel("ε")
         ax.set_title(f"q = 1, one step, δ = {delta:g}")
         ax.legend(fontsize=8)
+    for ax, delta in zip(grid[1][:2], (1e-5, 1e-2), strict=True):
+        rows = [r for r in payload["subsampled"] if r["delta"] == delta]
+        labels = [
+            f"q={r['sample_rate']:g} K={r['num_directions']}\nσ={r['noise_multiplier']:g}"
+            for r in rows
+        ]
+        xs = range(len(rows))
+        width = 0.2
+        series = [
+            ("epsilon_claimed", "claimed (RDP + Lemma 8)"),
+            ("epsilon_tight", "tight (exact subsampled Gaussian)"),
+            ("epsilon_lower_family", "audit: ε of σ̂ (rate-q family)"),
+            ("epsilon_lower", "audit: rigorous ε_lower (95%)"),
+        ]
+        for i, (key, label) in enumerate(series):
+            ax.bar([x + (i - 1.5) * width for x in xs], [r[key] for r in rows], width, label=label)
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_ylabel("ε")
+        ax.set_title(f"q < 1, one step, δ = {delta:g}")
+        ax.legend(fontsize=8)
+    ax = grid[1][2]
+    rows = [r for r in payload["subsampled"] if r["delta"] == 1e-5]
+    rows += [r for r in payload["gaussian"] if r["delta"] == 1e-5]
+    labels = [
+        f"q={r.get('sample_rate', 1.0):g} K={r['num_directions']}\nσ={r['noise_multiplier']:g}"
+        for r in rows
+    ]
+    ratios = [r["sigma_upper_over_sigma"] for r in rows]
+    ax.bar(range(len(rows)), [x if x is not None and x < 1e3 else float("nan") for x in ratios])
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
+    ax.set_ylabel("σ̂ / σ (95% upper bound; ≥ 1 expected)")
+    ax.set_title("Family bound on the noise multiplier")
     ax = axes[2]
     noise = payload["noise_cost"]
     ks = [r["K"] for r in noise]
@@ -266,11 +354,13 @@ def main(argv: list[str] | None = None) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gaussian, float_rows = _audits(plan, log)
+        subsampled = _subsampled(plan, log)
         noise = _noise_costs(plan, log)
     payload = {
         "machine": machine(),
         "plan": plan,
         "gaussian": gaussian,
+        "subsampled": subsampled,
         "float": float_rows,
         "noise_cost": noise,
         "seconds": time.perf_counter() - start,
