@@ -269,8 +269,10 @@ class _HardKill(BaseException):
     """Stands for SIGKILL: the process dies at once, nothing after it runs."""
 
 
-def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path, monkeypatch):
-    real_step, real_save = _train.ZerothOrderTrainer.step, _train.ZerothOrderTrainer.save
+def _die_after_step_3(monkeypatch, trainer_cls):
+    """Make ``trainer_cls`` die (hard) right after its third step, before any later save; return
+    a function that undoes it."""
+    real_step, real_save = trainer_cls.step, trainer_cls.save
     dead = {"now": False}
 
     def step_then_die(self, batch):
@@ -284,8 +286,18 @@ def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path,
         if not dead["now"]:
             real_save(self, path)
 
-    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", step_then_die)
-    monkeypatch.setattr(_train.ZerothOrderTrainer, "save", save_unless_dead)
+    monkeypatch.setattr(trainer_cls, "step", step_then_die)
+    monkeypatch.setattr(trainer_cls, "save", save_unless_dead)
+
+    def undo():
+        monkeypatch.setattr(trainer_cls, "step", real_step)
+        monkeypatch.setattr(trainer_cls, "save", real_save)
+
+    return undo
+
+
+def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path, monkeypatch):
+    undo = _die_after_step_3(monkeypatch, _train.ZerothOrderTrainer)
     with pytest.raises(_HardKill):
         finetune_cli(tmp_path, "--directions", "2", "--checkpoint-every", "2")
     out = tmp_path / "run"
@@ -293,8 +305,7 @@ def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path,
     records = [json.loads(r) for r in (out / "journal.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "release"] == [0, 1, 2]
 
-    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", real_step)
-    monkeypatch.setattr(_train.ZerothOrderTrainer, "save", real_save)
+    undo()
     calls = []
     real_losses = _setup.Classifier.losses
 
@@ -436,27 +447,11 @@ def test_step_options_for_each_zeroth_order_method(tmp_path, method, extra, path
 def test_dpadamw_steps_after_the_last_checkpoint_are_charged_again(tmp_path, monkeypatch):
     """DP-AdamW's release (a noisy gradient) is not journaled: a step lost with the process is
     charged as spent, and the budget guard then stops the run one step early."""
-    real_step, real_save = _train.FirstOrderTrainer.step, _train.FirstOrderTrainer.save
-    dead = {"now": False}
-
-    def step_then_die(self, batch):
-        result = real_step(self, batch)
-        if self.steps_done == 3:
-            dead["now"] = True
-            raise _HardKill
-        return result
-
-    def save_unless_dead(self, path):
-        if not dead["now"]:
-            real_save(self, path)
-
-    monkeypatch.setattr(_train.FirstOrderTrainer, "step", step_then_die)
-    monkeypatch.setattr(_train.FirstOrderTrainer, "save", save_unless_dead)
+    undo = _die_after_step_3(monkeypatch, _train.FirstOrderTrainer)
     with pytest.raises(_HardKill):
         finetune_cli(tmp_path, "--method", "dpadamw", "--checkpoint-every", "2")
     out = tmp_path / "run"
-    monkeypatch.setattr(_train.FirstOrderTrainer, "step", real_step)
-    monkeypatch.setattr(_train.FirstOrderTrainer, "save", real_save)
+    undo()
     assert main(["finetune", "--output", str(out), "--resume", "--no-progress"]) == 0
     report = read_report(out)
     assert report["abandoned_steps_charged"] == 1

@@ -486,13 +486,7 @@ class DPAggZO(torch.optim.Optimizer):
 
         entries = self._trainable()
         params = [p for p, _ in entries]
-        stream = DirectionStream(
-            params,
-            seed=self._seed,
-            step=step,
-            kind=self._directions,
-            masks=self._masks(step, params),
-        )
+        stream = self._stream(step, params)
         pool = ScratchPool(params)
         try:
             deltas, loss_sum, path = self._probe(closure, params, stream, pool, cfg)
@@ -621,13 +615,7 @@ class DPAggZO(torch.optim.Optimizer):
                 f"recorded S_t has shape {tuple(noisy_sum.shape)}, step {step} uses "
                 f"{cfg.num_directions} directions"
             )
-        stream = DirectionStream(
-            params,
-            seed=self._seed,
-            step=step,
-            kind=self._directions,
-            masks=self._masks(step, params),
-        )
+        stream = self._stream(step, params)
         pool = ScratchPool(params)
         coefs = noisy_sum / float(self._expected_batch_size)  # type: ignore[arg-type]
         self._update(entries, step, pool.buffers(), stream, coefs, list(lrs), list(weight_decays))
@@ -637,6 +625,16 @@ class DPAggZO(torch.optim.Optimizer):
             noise.load_state_dict(noise_state)
             self._noise = noise
         self._step_count = step + 1
+
+    def _stream(self, step: int, params: list[torch.Tensor]) -> DirectionStream:
+        """The public directions of step ``step`` (regenerated from the seed, masked)."""
+        return DirectionStream(
+            params,
+            seed=self._seed,
+            step=step,
+            kind=self._directions,
+            masks=self._masks(step, params),
+        )
 
     def _masks(self, step: int, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
         """DP-ZOPO: this step's mask of every tensor, packed to bits (None: no masks)."""

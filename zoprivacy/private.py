@@ -339,7 +339,7 @@ def make_private(
         optimizer.attach_journal(log)
     training = PrivateTraining(
         optimizer,
-        None,  # type: ignore[arg-type]
+        None,
         budgeted,
         plan,
         noisy_n,
@@ -350,15 +350,24 @@ def make_private(
         log,
         recovery,
     )
+    return _with_loader(
+        training, dataset, collate_fn, sampling_generator, loader_kwargs, sampler_state=None
+    )
+
+
+def _with_loader(training, dataset, collate_fn, generator, loader_kwargs, *, sampler_state):
+    """Attach the Poisson loader for the steps left (from the step count on) and say whether a
+    resume charged abandoned steps."""
     training.loader = _loader(
         dataset,
-        q,
+        training.sample_rate,
         training.steps_left,
         collate_fn,
-        sampling_generator,
-        process_group,
+        generator,
+        training.process_group,
         loader_kwargs,
-        position=optimizer.steps_taken,
+        position=training.optimizer.steps_taken,
+        state=sampler_state,
     )
     _warn_abandoned(training)
     return training
@@ -525,19 +534,9 @@ def _resume(
         log,
         recovery,
     )
-    training.loader = _loader(
-        dataset,
-        state["sample_rate"],
-        training.steps_left,
-        collate_fn,
-        generator,
-        process_group,
-        loader_kwargs,
-        position=optimizer.steps_taken,
-        state=state.get("sampler"),
+    return _with_loader(
+        training, dataset, collate_fn, generator, loader_kwargs, sampler_state=state.get("sampler")
     )
-    _warn_abandoned(training)
-    return training
 
 
 def _resume_journal(
