@@ -54,6 +54,7 @@ __all__ = [
     "Recovery",
     "StepJournal",
     "charge_unreplayable",
+    "journal_for_resume",
     "params_digest",
     "plan_recovery",
     "recover",
@@ -244,6 +245,36 @@ class Recovery:
     abandoned_steps: tuple[int, ...]
 
 
+def journal_for_resume(
+    info: dict[str, Any] | None, path: str | os.PathLike | None, params: Iterable[torch.Tensor]
+) -> StepJournal | None:
+    """The journal of a resumed run, from the checkpoint's ``info`` (``{"run", "records"}`` or
+    None) and the journal ``path`` given now: the checkpoint's journal (which must be given back,
+    belong to the same run and reach the checkpoint's position), or, for a checkpoint taken
+    without one, a new journal started from the checkpoint's ``params``."""
+    if info is None:
+        if path is None:
+            return None
+        return StepJournal.create(path, digest=params_digest(params))
+    if path is None:
+        raise JournalError(
+            "this run kept a write-ahead journal: pass journal=<its path> to resume it (without "
+            "it, the steps that ran after this checkpoint would be released a second time)"
+        )
+    log = StepJournal.open(path)
+    if log.run_id != info["run"]:
+        raise JournalError(
+            f"journal {path} belongs to another run (run id {log.run_id}, the checkpoint's is "
+            f"{info['run']}): pass this run's journal"
+        )
+    if log.records < int(info["records"]):
+        raise JournalError(
+            f"journal {path} has {log.records} records but the checkpoint was taken at record "
+            f"{info['records']}: the journal was truncated or replaced; restore it"
+        )
+    return log
+
+
 def _check_position(journal: StepJournal, start: int) -> None:
     if not 0 < start <= journal.records:
         raise JournalError(
@@ -302,10 +333,9 @@ def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
     """
     actions = plan_recovery(journal, start, optimizer.steps_taken)
     accountant = optimizer.accountant
-    replayed, begun = 0, []
+    replayed = 0
     for action, rec in actions:
         if action == "charge":
-            begun.append(int(rec["step"]))
             if accountant is not None:
                 _force_step(accountant, rec)
         else:
@@ -316,10 +346,12 @@ def recover(optimizer: Any, journal: StepJournal, start: int) -> Recovery:
                 noise_state=_decode_noise(rec["noise"]),
             )
             replayed += 1
-    abandoned = list(begun)
-    for action, rec in actions:  # each replayed step removes its own begin
-        if action == "replay":
-            abandoned.remove(int(rec["step"]))
+    # a begin is abandoned unless its release comes right after it
+    abandoned = [
+        int(rec["step"])
+        for i, (action, rec) in enumerate(actions)
+        if action == "charge" and (i + 1 == len(actions) or actions[i + 1][0] != "replay")
+    ]
     return Recovery(replayed, len(abandoned), tuple(abandoned))
 
 

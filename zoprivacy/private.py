@@ -30,6 +30,7 @@ from zoprivacy.journal import (
     JournalError,
     Recovery,
     StepJournal,
+    journal_for_resume,
     params_digest,
     plan_recovery,
     recover,
@@ -488,7 +489,7 @@ def _resume(
             "checkpoint parameters do not match the model's trainable parameters (count or "
             "shapes differ): resume with the same model and the same trainable selection"
         )
-    log = _resume_journal(state.get("journal"), journal, saved)  # checked before any write
+    log = journal_for_resume(state.get("journal"), journal, saved)  # before any write
     if log is not None and state.get("journal") is not None:  # a bad tail: refuse it now
         plan_recovery(
             log, int(state["journal"]["records"]), int(state["optimizer"]["zoprivacy"]["step"])
@@ -537,31 +538,3 @@ def _resume(
     return _with_loader(
         training, dataset, collate_fn, generator, loader_kwargs, sampler_state=state.get("sampler")
     )
-
-
-def _resume_journal(
-    info: dict[str, Any] | None, path: str | os.PathLike | None, saved: list[torch.Tensor]
-) -> StepJournal | None:
-    """The journal of a resumed run: the checkpoint's (which must be given back), or a new one."""
-    if info is None:
-        if path is None:
-            return None
-        # a checkpoint taken without a journal: start one from the checkpoint's parameters
-        return StepJournal.create(path, digest=params_digest(saved))
-    if path is None:
-        raise JournalError(
-            "this run kept a write-ahead journal: pass journal=<its path> to resume it (without "
-            "it, the steps that ran after this checkpoint would be released a second time)"
-        )
-    log = StepJournal.open(path)
-    if log.run_id != info["run"]:
-        raise JournalError(
-            f"journal {path} belongs to another run (run id {log.run_id}, the checkpoint's is "
-            f"{info['run']}): pass this run's journal"
-        )
-    if log.records < int(info["records"]):
-        raise JournalError(
-            f"journal {path} has {log.records} records but the checkpoint was taken at record "
-            f"{info['records']}: the journal was truncated or replaced; restore it"
-        )
-    return log

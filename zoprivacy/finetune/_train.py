@@ -35,13 +35,7 @@ import torch.nn.functional as F
 from zoprivacy import MeZO, make_private
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
 from zoprivacy.data import PredictableSamplingWarning, is_empty_batch, poisson_loader, release_size
-from zoprivacy.journal import (
-    JournalError,
-    Recovery,
-    StepJournal,
-    charge_unreplayable,
-    params_digest,
-)
+from zoprivacy.journal import Recovery, StepJournal, charge_unreplayable, journal_for_resume
 from zoprivacy.optimizer import NotPrivateWarning
 from zoprivacy.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
@@ -358,17 +352,10 @@ class FirstOrderTrainer:
         )
 
     def _setup_journal(self, path: Any, state: Any) -> None:
-        if path is None:
-            return
         info = None if state is None else state.get("journal")
-        if info is None:
-            self.journal = StepJournal.create(path, digest=params_digest(self.params))
-            return
-        log = StepJournal.open(path)
-        if log.run_id != info["run"]:
-            raise JournalError(f"journal {path} belongs to another run: restore this run's")
-        self.recovery = charge_unreplayable(self.accountant, log, int(info["records"]))
-        self.journal = log
+        self.journal = journal_for_resume(info, path, self.params)
+        if info is not None:
+            self.recovery = charge_unreplayable(self.accountant, self.journal, int(info["records"]))
 
     @property
     def steps_done(self) -> int:
