@@ -236,3 +236,47 @@ def test_finetune_smollm2_head_trains_on_the_cache(tmp_path, smollm2):
     assert report["frozen_prefix_cache"] is True
     assert report["trainable"] == "head" and report["trainable_parameters"] == 576
     assert report["steps"] == 3 and report["epsilon_spent"] <= 2.0 + 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation through the cache (the job evaluates the test split from one prefix pass)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainable", ["classifier", "head+last1"])
+def test_accuracy_from_prefix_features_is_the_full_models(rt_small, trainable):
+    clf = _setup.load_classifier("minilm", rt_small, trainable=trainable, max_length=24, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # move the trainable tensors away from the start (a trained model)
+        for p in clf.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen), alpha=0.5)
+    enc = clf.encode(rt_small.test_texts, rt_small.test_labels)
+    feats = clf.prefix_features(enc, batch_size=3)
+    with torch.inference_mode():
+        full = clf.full_logits(enc).argmax(-1)
+    expected = float((full == enc["labels"]).float().mean())
+    assert clf.accuracy(enc) == expected
+    assert clf.accuracy(enc, features=feats, batch_size=3) == expected
+    with pytest.raises(ValueError, match="prefix_features"):
+        clf.accuracy(enc, features={k: v[:-1] for k, v in feats.items()})
+
+
+def test_finetune_test_accuracy_through_the_cache_is_the_full_models(tmp_path, rt_small):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", "rotten_tomatoes", "--train-per-class", "6", "--test-size"]
+    argv += ["8", "--max-length", "24", "--steps", "3", "--batch-size", "4", "--lr", "30"]
+    argv += ["--directions", "2", "--no-progress", "--no-pld", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["frozen_prefix_cache"] is True
+    task = _setup.load_task("rotten_tomatoes", per_class_train=6, test_size=8, seed=0)
+    clf = _setup.load_classifier("minilm", task, trainable="classifier", max_length=24, seed=0)
+    enc = clf.encode(task.test_texts, task.test_labels)
+    assert report["test_accuracy_before"] == clf.accuracy(enc)
+    weights = load_file(out / "trainable_weights.safetensors")
+    assert set(weights) == set(clf.trainable_state())
+    assert not any(torch.equal(weights[k], v) for k, v in clf.trainable_state().items())
+    assert clf.model.load_state_dict(weights, strict=False).unexpected_keys == []
+    assert report["test_accuracy_after"] == clf.accuracy(enc)

@@ -494,9 +494,21 @@ def _run(args: argparse.Namespace, started: float) -> int:
         cfg.model, task, trainable=cfg.trainable, max_length=cfg.max_length, seed=cfg.seed
     )
     test = classifier.encode(task.test_texts, task.test_labels)
+    train: dict[str, torch.Tensor] | None = None
+    dataset: Any = None
+    test_features = None  # the test records' frozen-prefix output, when the cache is on
+    if cfg.method != "zeroshot":
+        train = classifier.encode(task.train_texts, task.train_labels)
+        dataset = TensorDictDataset(train)
+        if cfg.cache and classifier.cache_plan() is not None:
+            _say("caching the frozen layers' output for the training and test records")
+            classifier.build_cache(train)
+            if classifier.verify_cache(test):
+                dataset = classifier.cached_dataset(train["labels"])
+                test_features = classifier.prefix_features(test)
     if state.get("test_accuracy_before") is None:
         _say(f"evaluating the starting model on {len(task.test_texts)} test records")
-        state["test_accuracy_before"] = classifier.accuracy(test)
+        state["test_accuracy_before"] = classifier.accuracy(test, features=test_features)
         out.write_json(state_path, state)
     before = float(state["test_accuracy_before"])
     _say(f"test accuracy before: {before:.4f}")
@@ -504,13 +516,6 @@ def _run(args: argparse.Namespace, started: float) -> int:
     if cfg.method == "zeroshot":
         return _finish(cfg, root, classifier, task, None, [], before, before, state, started, None)
 
-    train = classifier.encode(task.train_texts, task.train_labels)
-    dataset: Any = TensorDictDataset(train)
-    if cfg.cache and classifier.cache_plan() is not None:
-        _say("caching the frozen layers' output for the training records")
-        classifier.build_cache(train)
-        if classifier.verify_cache(test):
-            dataset = classifier.cached_dataset(train["labels"])
     settings = TrainSettings(
         method=cfg.method,
         steps=cfg.steps,
@@ -580,7 +585,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
     if hasattr(trainer, "close"):
         trainer.close()
     _say("evaluating the fine-tuned model")
-    after = classifier.accuracy(test)
+    after = classifier.accuracy(test, features=test_features)
     _say(f"test accuracy after: {after:.4f}")
     return _finish(
         cfg, root, classifier, task, trainer, history.rows, before, after, state, started,

@@ -633,19 +633,45 @@ class Classifier:
         return _LogitsModule(self)
 
     @torch.no_grad()
-    def accuracy(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32) -> float:
-        """Test accuracy of the full model (eval mode, no cache) on encoded records."""
+    def accuracy(
+        self,
+        encoded: Mapping[str, torch.Tensor],
+        *,
+        batch_size: int = 32,
+        features: Mapping[str, torch.Tensor] | None = None,
+    ) -> float:
+        """Accuracy (eval mode) on encoded records.
+
+        Args:
+            encoded: records from :meth:`encode`, with ``labels``.
+            batch_size: records per forward pass.
+            features: the same records' :meth:`prefix_features` (row for row). When given,
+                only the trainable suffix runs (:meth:`suffix_logits`): the frozen prefix's
+                output does not change during training, so one prefix pass serves the
+                evaluations before and after it. ``None``: the full model runs.
+        """
         was_training = self.model.training
         self.model.eval()
         n = encoded["labels"].shape[0]
+        if features is not None and next(iter(features.values())).shape[0] != n:
+            raise ValueError(
+                f"features has {next(iter(features.values())).shape[0]} rows for {n} records; "
+                "pass prefix_features(encoded) of these records"
+            )
         correct = 0
         try:
             with torch.inference_mode():
                 for start in range(0, n, batch_size):
-                    sub = tasks.trim_padding(
-                        {k: v[start : start + batch_size] for k, v in encoded.items()}
-                    )
-                    pred = self.full_logits(sub).argmax(dim=-1)
+                    if features is None:
+                        sub = tasks.trim_padding(
+                            {k: v[start : start + batch_size] for k, v in encoded.items()}
+                        )
+                        logits = self.full_logits(sub)
+                    else:
+                        sub = {k: v[start : start + batch_size] for k, v in features.items()}
+                        sub["labels"] = encoded["labels"][start : start + batch_size]
+                        logits = self.suffix_logits(sub)
+                    pred = logits.argmax(dim=-1)
                     correct += int((pred.cpu() == sub["labels"]).sum())
         finally:
             self.model.train(was_training)
