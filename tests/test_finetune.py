@@ -323,6 +323,49 @@ def test_steps_after_the_last_checkpoint_are_replayed_from_the_journal(tmp_path,
     assert history[1]["steps"] == 4  # each step charged once
 
 
+def test_a_replayed_step_with_a_mask_and_stages_is_the_step_that_ran(tmp_path, monkeypatch):
+    """DP-ZOPO masks and DP-ZOSO stages through the journal: the dying process's step 3 (its
+    stage changes K, lr and c, and a random mask selects the coordinates) and the resumed
+    process's replay of that step from its release leave bit-identical parameters."""
+    options = [
+        "--directions", "4", "--checkpoint-every", "2", "--mask", "random:0.5",
+        "--stage", "2:lr=0.5", "--stage", "3:directions=2,clip-norm=0.3,lr=2",
+    ]  # fmt: skip
+    snapshots = {}
+    real_step = _train.ZerothOrderTrainer.step
+
+    def snapshot(self, batch):
+        result = real_step(self, batch)
+        snapshots.setdefault(self.steps_done, self.classifier.trainable_state())
+        return result
+
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", snapshot)
+    undo = _die_after_step_3(monkeypatch, _train.ZerothOrderTrainer)
+    with pytest.raises(_HardKill):
+        finetune_cli(tmp_path, *options)
+    out = tmp_path / "run"
+    died_with = snapshots.pop(3)
+    assert checkpoint_of(out)["training"]["optimizer"]["zoprivacy"]["step"] == 2
+    undo()
+
+    resumed = {}
+
+    def first_step_after_replay(self, batch):
+        resumed.setdefault("params", self.classifier.trainable_state())
+        return real_step(self, batch)
+
+    monkeypatch.setattr(_train.ZerothOrderTrainer, "step", first_step_after_replay)
+    assert main(["finetune", "--output", str(out), "--resume", "--no-progress", *options]) == 0
+    assert set(resumed["params"]) == set(died_with)
+    for name, value in died_with.items():
+        assert torch.equal(resumed["params"][name], value), name
+    moved = {k: (v != snapshots[2][k]) for k, v in died_with.items()}
+    assert any(m.any() for m in moved.values())  # step 3 did move something
+    assert not all(m.all() for m in moved.values())  # and the mask kept coordinates in place
+    report = read_report(out)
+    assert report["steps"] == 4 and report["abandoned_steps_charged"] == 0
+
+
 def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeypatch, capsys):
     """Directions, difference, path, mask and stages reach DPAggZO (seen in the StepStats of each
     step), are saved in config.json and the checkpoint, are enforced on --resume, and reported."""
