@@ -1,4 +1,4 @@
-"""Smoke tests of the memory and step-time benchmarks: their ``--quick`` modes on a tiny MLP.
+"""Smoke tests of the memory, step-time and audit benchmarks: their ``--quick`` modes (tiny models).
 
 Each writes its JSON and PNG into a temporary folder (``--out``), never into
 ``benchmarks/results``; the memory benchmark still runs every configuration in its own
@@ -8,11 +8,12 @@ subprocess, as the full run does.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from benchmarks import memory_vs_k, step_time
+from benchmarks import audit, memory_vs_k, step_time
 from benchmarks._common import RESULTS
 
 ROW_KEYS = {
@@ -30,7 +31,7 @@ ROW_KEYS = {
 
 
 def _no_quick_files_in_results() -> None:
-    for name in ("memory_vs_k_quick.json", "step_time_quick.json"):
+    for name in ("memory_vs_k_quick.json", "step_time_quick.json", "audit_quick.json"):
         assert not (RESULTS / name).exists(), f"a quick run wrote {name} into benchmarks/results"
 
 
@@ -124,3 +125,47 @@ def test_clip_and_noise_bounds_each_record():
     assert torch.linalg.vector_norm(released) <= 6 * 0.5 + 1e-12
     small = torch.full((2, 4), 1e-3, dtype=torch.float64)
     torch.testing.assert_close(step_time.clip_and_noise(small, 0.5, 0.0, gen), small.sum(0))
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact ε of a μ-GDP Gaussian mechanism at δ (Balle & Wang 2018, Thm. 8), by root
+    finding on δ(ε) = Φ(μ/2 − ε/μ) − e^ε Φ(−μ/2 − ε/μ)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def excess(eps: float) -> float:
+        return norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * norm.cdf(-mu / 2 - eps / mu) - delta
+
+    return brentq(excess, 0.0, 100.0, xtol=1e-12)
+
+
+def test_audit_quick(tmp_path):
+    """The canary audit's quick plan: every configured row is there, the q = 1 tight reference
+    is the exact Gaussian ε (computed here with scipy), never above the accountant's claim (RDP
+    is an upper bound), q < 1 rows use the subsampled reference, and the float rows say so."""
+    path = audit.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads(path.read_text())
+    assert path == tmp_path / "audit_quick.json"
+    assert (tmp_path / "audit_quick.png").stat().st_size > 0
+    plan = audit.QUICK
+    gaussian, subsampled = payload["gaussian"], payload["subsampled"]
+    assert {(r["num_directions"], r["noise_multiplier"]) for r in gaussian} == {
+        (k, s) for k, s, _ in plan["configs"]
+    }
+    assert {(r["sample_rate"], r["noise_multiplier"], r["num_directions"]) for r in subsampled} == {
+        (q, s, k) for q, s, k, _ in plan["subsampled_configs"]
+    }
+    for row in gaussian:
+        assert row["sample_rate"] == 1.0 and row["tight_reference"] == "gaussian"
+        expected = _gaussian_epsilon(1 / row["noise_multiplier"], row["delta"])
+        assert row["epsilon_tight"] == pytest.approx(expected, rel=1e-6)
+    for row in gaussian + subsampled:
+        assert 0 < row["epsilon_tight"] <= row["epsilon_claimed"], row
+        assert row["noise_multiplier_upper"] > 0
+    for row in subsampled:
+        assert row["sample_rate"] < 1 and row["tight_reference"] == "subsampled_gaussian"
+        # subsampling amplifies: below the q = 1 mechanism's exact ε at the same σ and δ
+        assert row["epsilon_tight"] < _gaussian_epsilon(1 / row["noise_multiplier"], row["delta"])
+    assert {r["K"] for r in payload["noise_cost"]} == set(plan["noise_k"])
+    assert any("float" in r["implementation"] for r in payload["float"])
+    _no_quick_files_in_results()
