@@ -16,7 +16,7 @@ changed, and the largest absolute change.
 
 Paths: ``hooks`` (default ``perturbation="auto"``, Gaussian), ``hooks_rademacher``,
 ``hooks_forward``, ``inplace`` (``perturbation="inplace"``), ``inplace_rademacher``,
-``inplace_forward`` and ``paper`` (:class:`benchmarks.step_time_paths.PaperStyle`, Gaussian,
+``inplace_forward`` and ``paper`` (:class:`benchmarks.step_time.PaperStyleDPAggZO`, Gaussian,
 central, with ``lr = 0``).
 
 Run: ``python -m benchmarks.drift`` → ``benchmarks/results/drift.json`` and ``.png`` (about a
@@ -78,7 +78,7 @@ def build(dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
 
 
 def run(path: str, dtype: torch.dtype, cycles: int) -> dict[str, Any]:
-    from benchmarks.step_time_paths import PaperStyle
+    from benchmarks.step_time import PaperStyleDPAggZO
     from zoprivacy.optimizer import DPAggZO
 
     model, closure = build(dtype)
@@ -87,7 +87,7 @@ def run(path: str, dtype: torch.dtype, cycles: int) -> dict[str, Any]:
     steps = max(1, cycles // K)
     common = dict(num_directions=K, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8)
     if PATHS[path] is None:
-        opt: Any = PaperStyle(params, 0.0, perturbation_scale=PHI, seed=0, **common)
+        opt: Any = PaperStyleDPAggZO(params, 0.0, perturbation_scale=PHI, seed=0, **common)
     else:
         opt = DPAggZO(
             params, 0.0, perturbation_scale=PHI, seed=0, noise_seed=0, **common, **PATHS[path]

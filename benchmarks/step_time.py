@@ -66,10 +66,16 @@ PHI = 1e-3
 class PaperStyleDPAggZO:
     """DP-AggZO written like the paper's artifact code (MeZO-style), for timing comparisons.
 
-    Same maths as :class:`~zoprivacy.optimizer.DPAggZO` (two-point differences in float64,
-    averaging over K, per-record L2 clipping to c, Gaussian noise σc on the K-vector, update
-    −η/b Σ_k S_k z_k), but every z_k is drawn with ``torch.manual_seed(seed_k)`` and a new
-    ``torch.normal`` tensor per parameter, four times per direction and step.
+    Same maths as :class:`~zoprivacy.optimizer.DPAggZO` (differences in float64, averaging over
+    K, per-record L2 clipping to c, Gaussian noise σc on the K-vector, update −η/b Σ_k S_k z_k),
+    but every z_k is drawn with ``torch.manual_seed(seed_k)`` and a freshly allocated tensor per
+    parameter, regenerated for each in-place perturbation (+φ, −2φ, +φ) and for the update (4K
+    generations per central step), applied as ``param.data += scale * z``.
+
+    ``directions="rademacher"`` draws ``torch.randint(0, 2, ...) * 2 - 1`` instead of
+    ``torch.normal``; ``difference="forward"`` evaluates L(θ) once and L(θ + φz_k) per direction
+    (K + 1 forwards, 3K generations). The global torch RNG state is restored after the step.
+    ``noise_seed=None`` draws the noise generator's seed from the OS.
     """
 
     def __init__(
@@ -83,7 +89,14 @@ class PaperStyleDPAggZO:
         expected_batch_size: float,
         perturbation_scale: float = PHI,
         seed: int = 0,
+        directions: str = "gaussian",
+        difference: str = "central",
+        noise_seed: int | None = None,
     ) -> None:
+        if directions not in ("gaussian", "rademacher"):
+            raise ValueError(f"directions must be 'gaussian' or 'rademacher', got {directions!r}")
+        if difference not in ("central", "forward"):
+            raise ValueError(f"difference must be 'central' or 'forward', got {difference!r}")
         self.params = [p for p in params if p.requires_grad]
         self.lr = lr
         self.k = num_directions
@@ -91,38 +104,48 @@ class PaperStyleDPAggZO:
         self.sigma = noise_multiplier
         self.b = expected_batch_size
         self.phi = perturbation_scale
+        self.directions, self.difference = directions, difference
         self.seeds = torch.Generator().manual_seed(seed)  # public direction seeds
-        self.noise = torch.Generator().manual_seed(secrets.randbits(63))  # private noise
+        noise_seed = secrets.randbits(63) if noise_seed is None else noise_seed
+        self.noise = torch.Generator().manual_seed(noise_seed)  # private noise
+
+    def _z(self, p: torch.Tensor) -> torch.Tensor:
+        if self.directions == "gaussian":
+            return torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        return torch.randint(0, 2, p.size(), device=p.device, dtype=p.dtype) * 2 - 1
 
     def perturb(self, seed: int, scale: float) -> None:
         torch.manual_seed(seed)
         for param in self.params:
-            z = torch.normal(
-                mean=0, std=1, size=param.size(), device=param.device, dtype=param.dtype
-            )
-            param.data += scale * z
+            param.data += scale * self._z(param)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         seeds = torch.randint(0, 2**31 - 1, (self.k,), generator=self.seeds).tolist()
+        rng = torch.get_rng_state()
         deltas = []
-        for seed in seeds:
-            self.perturb(seed, self.phi)
-            plus = closure().double()
-            self.perturb(seed, -2 * self.phi)
-            minus = closure().double()
-            self.perturb(seed, self.phi)
-            deltas.append((plus - minus) / (2 * self.phi))
+        if self.difference == "central":
+            for seed in seeds:
+                self.perturb(seed, self.phi)
+                plus = closure().double()
+                self.perturb(seed, -2 * self.phi)
+                minus = closure().double()
+                self.perturb(seed, self.phi)
+                deltas.append((plus - minus) / (2 * self.phi))
+        else:
+            base = closure().double()
+            for seed in seeds:
+                self.perturb(seed, self.phi)
+                deltas.append((closure().double() - base) / self.phi)
+                self.perturb(seed, -self.phi)
         noisy_sum = clip_and_noise(
             torch.stack(deltas, dim=1) / self.k, self.clip, self.sigma, self.noise
         )
         for seed, coef in zip(seeds, (noisy_sum / self.b).tolist(), strict=True):
             torch.manual_seed(seed)
             for param in self.params:
-                z = torch.normal(
-                    mean=0, std=1, size=param.size(), device=param.device, dtype=param.dtype
-                )
-                param.data -= (self.lr * coef) * z
+                param.data -= (self.lr * coef) * self._z(param)
+        torch.set_rng_state(rng)
         return noisy_sum
 
 

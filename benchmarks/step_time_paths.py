@@ -13,8 +13,8 @@ Sections (``--sections``, default all three):
   ============================  =================================================================
   path                          configuration
   ============================  =================================================================
-  ``paper``                     :class:`PaperStyle` (Gaussian, central): the paper artifact's loop
-                                (MeZO-derived): ``torch.manual_seed(seed_k)`` and a new
+  ``paper``                     ``step_time.PaperStyleDPAggZO`` (Gaussian, central): the paper
+                                artifact's loop (MeZO-derived): ``torch.manual_seed(seed_k)``, a new
                                 ``torch.normal`` tensor per parameter, regenerated for each of the
                                 three in-place perturbations (+φ, −2φ, +φ) and the update (4K
                                 generations), applied as ``param.data += scale * z``
@@ -84,6 +84,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402  (after the thread settings)
 
 from benchmarks._common import RESULTS, machine  # noqa: E402
+from benchmarks.step_time import PaperStyleDPAggZO  # noqa: E402
 
 KS = (1, 4, 16, 64)
 CLIP = 1.0
@@ -113,83 +114,6 @@ OPTIONS = {
     "hooks_forward": {"difference": "forward"},
     "hooks_rademacher_forward": {"directions": "rademacher", "difference": "forward"},
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# the paper-style reference loop
-# ---------------------------------------------------------------------------------------------
-
-
-class PaperStyle:
-    """DP-AggZO written the way the paper's artifact (derived from MeZO's trainer) does it.
-
-    Same maths as :class:`~zoprivacy.optimizer.DPAggZO` (differences in float64, mean over K,
-    per-record L2 clipping to c, Gaussian noise σc on the K-vector, update −η/b Σ_k S_k z_k), but
-    z_k comes from ``torch.manual_seed(seed_k)`` and a freshly allocated tensor per parameter,
-    regenerated for every perturbation and for the update, applied as ``param.data += s * z``.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        lr: float,
-        *,
-        num_directions: int,
-        clip_norm: float,
-        noise_multiplier: float,
-        expected_batch_size: float,
-        perturbation_scale: float = PHI,
-        seed: int = 0,
-        directions: str = "gaussian",
-        difference: str = "central",
-    ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.k, self.clip, self.sigma = lr, num_directions, clip_norm, noise_multiplier
-        self.b, self.phi = expected_batch_size, perturbation_scale
-        self.directions, self.difference = directions, difference
-        self.seeds = torch.Generator().manual_seed(seed)
-        self.noise = torch.Generator().manual_seed(seed + 1)
-
-    def _z(self, p: torch.Tensor) -> torch.Tensor:
-        if self.directions == "gaussian":
-            return torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        return torch.randint(0, 2, p.size(), device=p.device, dtype=p.dtype) * 2 - 1
-
-    def perturb(self, seed: int, scale: float) -> None:
-        torch.manual_seed(seed)
-        for p in self.params:
-            p.data += scale * self._z(p)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        seeds = torch.randint(0, 2**31 - 1, (self.k,), generator=self.seeds).tolist()
-        rng = torch.get_rng_state()
-        deltas = []
-        if self.difference == "central":
-            for seed in seeds:
-                self.perturb(seed, self.phi)
-                plus = closure().double()
-                self.perturb(seed, -2 * self.phi)
-                minus = closure().double()
-                self.perturb(seed, self.phi)
-                deltas.append((plus - minus) / (2 * self.phi))
-        else:
-            base = closure().double()
-            for seed in seeds:
-                self.perturb(seed, self.phi)
-                deltas.append((closure().double() - base) / self.phi)
-                self.perturb(seed, -self.phi)
-        torch.set_rng_state(rng)
-        agg = torch.stack(deltas, dim=1) / self.k
-        norms = torch.linalg.vector_norm(agg, dim=1)
-        factors = torch.clamp(self.clip / norms, max=1.0)
-        noise = torch.randn(self.k, dtype=torch.float64, generator=self.noise)
-        noisy_sum = (agg * factors[:, None]).sum(dim=0) + noise * (self.sigma * self.clip)
-        for seed, coef in zip(seeds, (noisy_sum / self.b).tolist(), strict=True):
-            torch.manual_seed(seed)
-            for p in self.params:
-                p.data -= (self.lr * coef) * self._z(p)
-        return noisy_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +286,9 @@ def make_optimizer(path: str, params: list[torch.Tensor], k: int, batch: int, **
     if path.startswith("paper"):
         kind = "rademacher" if path == "paper_rademacher" else "gaussian"
         diff = "forward" if path == "paper_forward" else "central"
-        return PaperStyle(params, LR, seed=0, directions=kind, difference=diff, **common)
+        return PaperStyleDPAggZO(
+            params, LR, seed=0, directions=kind, difference=diff, noise_seed=1, **common
+        )
     return DPAggZO(params, LR, seed=0, noise_seed=0, **common, **OPTIONS[path], **extra)
 
 

@@ -97,8 +97,13 @@ def test_step_time_quick(tmp_path):
     _no_quick_files_in_results()
 
 
-def test_paper_style_loop_restores_parameters_and_releases_k_values():
-    """With lr = 0 the paper-style loop only perturbs and restores (up to rounding)."""
+@pytest.mark.parametrize(
+    "directions, difference",
+    [("gaussian", "central"), ("rademacher", "central"), ("gaussian", "forward")],
+)
+def test_paper_style_loop_restores_parameters_and_releases_k_values(directions, difference):
+    """With lr = 0 the paper-style loop only perturbs and restores (up to rounding), and leaves
+    the global torch RNG where it was."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 3)
     before = [p.detach().clone() for p in model.parameters()]
@@ -110,9 +115,13 @@ def test_paper_style_loop_restores_parameters_and_releases_k_values():
         clip_norm=1.0,
         noise_multiplier=1.0,
         expected_batch_size=5,
+        directions=directions,
+        difference=difference,
     )
+    rng = torch.get_rng_state()
     released = opt.step(lambda: ((model(x) - y) ** 2).sum(1))
     assert released.shape == (3,) and released.dtype == torch.float64
+    assert torch.equal(torch.get_rng_state(), rng)
     for p, q in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
 
