@@ -31,3 +31,16 @@ def test_utility_quick(tmp_path):
     assert len(json.loads((tmp_path / "utility_quick.json").read_text())) == 1
     assert not (RESULTS / "utility_quick.json").exists()
     assert time.monotonic() - started < 60
+
+
+def test_utility_quick_figure5_and_table(tmp_path):
+    """``--figure5`` runs its K cells for every seed given and draws the accuracy-against-K plot;
+    ``--table`` prints the markdown summary with the model column."""
+    argv = ["--quick", "--figure5", "--out", str(tmp_path), "--no-progress"]
+    assert utility.main(argv) == 0
+    rows = json.loads((tmp_path / "utility_quick.json").read_text())
+    assert [(r["comparison"], r["K"], r["seed"]) for r in rows] == [("accuracy_vs_k", 4, 0)]
+    assert (tmp_path / "utility_quick_vs_k.png").stat().st_size > 0
+    table = utility.markdown_table(rows)
+    assert table.splitlines()[0].startswith("| model | task | method | K |")
+    assert "| minilm | rotten_tomatoes | dpaggzo | 4 | 2 | 2 | accuracy_vs_k |" in table
