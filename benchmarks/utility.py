@@ -594,6 +594,56 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Rows of :func:`paper_table`: (label, method, K, comparison, steps or None for "any").
+PAPER_ROWS = (
+    ("zero-shot / untrained", "zeroshot", None, "untrained", None),
+    ("AdamW (non-private)", "adamw", None, "equal_steps", None),
+    ("MeZO K=16 (non-private)", "mezo", 16, "equal_steps", None),
+    ("DP-AdamW (Opacus)", "dpadamw", None, "equal_steps", None),
+    ("DPZO (K=1), equal steps", "dpzo", 1, "equal_steps", None),
+    ("DPZO, 16× steps (= K=16's forward passes)", "dpzo", 1, "equal_forward_passes", 16_000),
+    ("DPZO, 64× steps (= K=64's forward passes)", "dpzo", 1, "equal_forward_passes", 64_000),
+    ("DP-AggZO K=16", "dpaggzo", 16, "equal_steps", None),
+    ("DP-AggZO K=64", "dpaggzo", 64, "equal_steps", None),
+)
+
+
+def paper_table(rows: list[dict[str, Any]], model: str) -> str:
+    """One model's selected cells laid out like the paper's Table 1: a row per method, a column
+    per (task, ε); non-private methods fill every ε column of their task. Empty: not run."""
+    summary = [s for s in summarize(rows) if s["model"] == model]
+    if not summary:
+        return ""
+    tasks = sorted({s["task"] for s in summary})
+    epsilons = sorted({s["epsilon"] for s in summary if s["epsilon"] is not None})
+    columns = [(t, e) for t in tasks for e in epsilons]
+    head = " | ".join(f"{t} ε={e:g}" for t, e in columns)
+    lines = [f"| {model} | {head} |", "|---" * (len(columns) + 1) + "|"]
+    for label, method, k, comparison, steps in PAPER_ROWS:
+        cells = []
+        for task, eps in columns:
+            found = [
+                s
+                for s in summary
+                if s["task"] == task
+                and s["method"] == method
+                and s["K"] == k
+                and s["comparison"] == comparison
+                and (steps is None or s["steps"] == steps)
+                and s["epsilon"] in (eps, None)
+            ]
+            if not found:
+                cells.append("")
+                continue
+            s = found[0]
+            n = len(s["seeds"])
+            seeds = "" if n == 3 else f" ({n} seed{'s' * (n > 1)})"
+            cells.append(f"{s['test_accuracy_mean']:.3f}±{s['test_accuracy_std']:.3f}{seeds}")
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _order(s: dict[str, Any]) -> tuple:
     return (
         MODELS.index(s.get("model", "minilm")),
@@ -734,7 +784,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.table:
-        print(markdown_table(_load(args.out / "utility.json")))
+        rows = _load(args.out / "utility.json")
+        for model in MODELS:
+            table = paper_table(rows, model)
+            if table:
+                print(table + "\n")
+        print(markdown_table(rows))
         return 0
     torch.set_num_threads(1)
 
