@@ -780,7 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/zoprivacy-utility-cache"))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
-        "--table", action="store_true", help="print the markdown summary of --out and exit"
+        "--table",
+        action="store_true",
+        help="print the markdown tables of --out/utility.json, redraw its two plots, and exit",
     )
     args = parser.parse_args(argv)
     if args.table:
@@ -790,6 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if table:
                 print(table + "\n")
         print(markdown_table(rows))
+        plot(summarize(rows), args.out / "utility_accuracy.png")
+        plot_vs_k(rows, args.out / "utility_vs_k.png")
         return 0
     torch.set_num_threads(1)
 
