@@ -33,7 +33,7 @@ def test_utility_quick(tmp_path):
     assert time.monotonic() - started < 60
 
 
-def test_utility_quick_figure5_and_table(tmp_path):
+def test_utility_quick_figure5_and_table(tmp_path, capsys):
     """``--figure5`` runs its K cells for every seed given and draws the accuracy-against-K plot;
     ``--table`` prints the markdown summary with the model column."""
     argv = ["--quick", "--figure5", "--out", str(tmp_path), "--no-progress"]
@@ -44,6 +44,14 @@ def test_utility_quick_figure5_and_table(tmp_path):
     table = utility.markdown_table(rows)
     assert table.splitlines()[0].startswith("| model | task | method | K |")
     assert "| minilm | rotten_tomatoes | dpaggzo | 4 | 2 | 2 | accuracy_vs_k |" in table
+    # --table reads <out>/utility.json: print the tables and redraw both plots from it
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "utility.json").write_text((tmp_path / "utility_quick.json").read_text())
+    assert utility.main(["--table", "--out", str(report)]) == 0
+    assert (report / "utility_vs_k.png").stat().st_size > 0
+    assert (report / "utility_accuracy.png").stat().st_size > 0
+    assert "accuracy_vs_k" in capsys.readouterr().out
 
 
 def _row(task, method, k, eps, acc, seed, *, steps=1000, comparison="equal_steps", model="m"):
