@@ -226,13 +226,19 @@ def test_negative_validation_size_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--validation-size" in err[0]
 
 
-def test_finetune_smollm2_head_trains_on_the_cache(tmp_path, smollm2):
-    out = tmp_path / "smol"
-    argv = ["finetune", "--model", "smollm2", "--task", "rotten_tomatoes", "--train-per-class"]
-    argv += ["3", "--test-size", "4", "--max-length", "24", "--steps", "3", "--batch-size", "4"]
-    argv += ["--directions", "2", "--no-progress", "--no-pld", "--output", str(out)]
+def _finetune(out, *options: str) -> dict:
+    """Run a tiny ``zoprivacy finetune`` on Rotten Tomatoes (3 steps, K = 2) into ``out``."""
+    argv = ["finetune", "--task", "rotten_tomatoes", "--steps", "3", "--batch-size", "4"]
+    argv += ["--directions", "2", "--no-progress", "--no-pld", "--output", str(out), *options]
     assert main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+def test_finetune_smollm2_head_trains_on_the_cache(tmp_path, smollm2):
+    report = _finetune(
+        tmp_path / "smol", "--model", "smollm2", "--train-per-class", "3", "--test-size", "4",
+        "--max-length", "24",
+    )  # fmt: skip
     assert report["frozen_prefix_cache"] is True
     assert report["trainable"] == "head" and report["trainable_parameters"] == 576
     assert report["steps"] == 3 and report["epsilon_spent"] <= 2.0 + 1e-9
@@ -265,11 +271,9 @@ def test_finetune_test_accuracy_through_the_cache_is_the_full_models(tmp_path, r
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    argv = ["finetune", "--task", "rotten_tomatoes", "--train-per-class", "6", "--test-size"]
-    argv += ["8", "--max-length", "24", "--steps", "3", "--batch-size", "4", "--lr", "30"]
-    argv += ["--directions", "2", "--no-progress", "--no-pld", "--output", str(out)]
-    assert main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = _finetune(
+        out, "--train-per-class", "6", "--test-size", "8", "--max-length", "24", "--lr", "30"
+    )
     assert report["frozen_prefix_cache"] is True
     task = _setup.load_task("rotten_tomatoes", per_class_train=6, test_size=8, seed=0)
     clf = _setup.load_classifier("minilm", task, trainable="classifier", max_length=24, seed=0)
