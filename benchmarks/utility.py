@@ -722,8 +722,9 @@ def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> None:
         acc = [torch.tensor(by_k[k], dtype=torch.float64) for k in ks]
         means = [float(a.mean()) for a in acc]
         stds = [float(a.std()) if len(a) > 1 else 0.0 for a in acc]
-        seeds = min(len(a) for a in acc)
-        label = f"{model} {task}, ε={eps:g}, T={steps} ({seeds} seed{'s' * (seeds > 1)})"
+        low, high = min(len(a) for a in acc), max(len(a) for a in acc)
+        seeds = f"{low}" if low == high else f"{low}-{high}"
+        label = f"{model} {task}, ε={eps:g}, T={steps} ({seeds} seed{'s' * (high > 1)})"
         ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (directions per step)")
