@@ -218,16 +218,11 @@ class TaskFeatures:
         clf.model.eval()
 
     def accuracy(self, split: str) -> float:
+        """Accuracy on a split from its cached features (the job's own feature path)."""
         feats = self.features[split]
-        clf = self.classifier
-        clf.model.eval()
-        correct = 0
-        with torch.inference_mode():
-            for start in range(0, feats["labels"].shape[0], 512):
-                logits = clf.suffix_logits({"hidden": feats["hidden"][start : start + 512]})
-                pred = logits.argmax(dim=-1)
-                correct += int((pred == feats["labels"][start : start + 512]).sum())
-        return correct / feats["labels"].shape[0]
+        return self.classifier.accuracy(
+            {"labels": feats["labels"]}, features={"hidden": feats["hidden"]}, batch_size=512
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,29 +698,34 @@ def _label(s: dict[str, Any]) -> str:
 
 def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> None:
     """Figure 5: test accuracy against K, one line per (model, task, ε), mean ± std over the
-    seeds of the ``accuracy_vs_k`` rows."""
+    seeds of the selected ``accuracy_vs_k`` cells (:func:`summarize`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[tuple, dict[int, list[float]]] = {}
-    for r in rows:
-        if r["comparison"] == "accuracy_vs_k":
-            key = (r.get("model", "minilm"), r["task"], r["epsilon"], r["steps_planned"])
-            lines.setdefault(key, {}).setdefault(r["K"], []).append(r["test_accuracy"])
+    lines: dict[tuple, list[dict[str, Any]]] = {}
+    for s in summarize(rows):
+        if s["comparison"] == "accuracy_vs_k":
+            key = (s["model"], s["task"], s["epsilon"], s["steps"])
+            lines.setdefault(key, []).append(s)
     if not lines:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (model, task, eps, steps), by_k in sorted(lines.items(), key=str):
-        ks = sorted(by_k)
-        acc = [torch.tensor(by_k[k], dtype=torch.float64) for k in ks]
-        means = [float(a.mean()) for a in acc]
-        stds = [float(a.std()) if len(a) > 1 else 0.0 for a in acc]
-        low, high = min(len(a) for a in acc), max(len(a) for a in acc)
+    for (model, task, eps, steps), cells in sorted(lines.items(), key=str):
+        cells.sort(key=lambda s: s["K"])
+        counts = [len(s["seeds"]) for s in cells]
+        low, high = min(counts), max(counts)
         seeds = f"{low}" if low == high else f"{low}-{high}"
         label = f"{model} {task}, ε={eps:g}, T={steps} ({seeds} seed{'s' * (high > 1)})"
-        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [s["K"] for s in cells],
+            [s["test_accuracy_mean"] for s in cells],
+            yerr=[s["test_accuracy_std"] for s in cells],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (directions per step)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")

@@ -494,7 +494,6 @@ def _run(args: argparse.Namespace, started: float) -> int:
         cfg.model, task, trainable=cfg.trainable, max_length=cfg.max_length, seed=cfg.seed
     )
     test = classifier.encode(task.test_texts, task.test_labels)
-    train: dict[str, torch.Tensor] | None = None
     dataset: Any = None
     test_features = None  # the test records' frozen-prefix output, when the cache is on
     if cfg.method != "zeroshot":

@@ -653,10 +653,11 @@ class Classifier:
         was_training = self.model.training
         self.model.eval()
         n = encoded["labels"].shape[0]
-        if features is not None and next(iter(features.values())).shape[0] != n:
+        rows = None if features is None else next(iter(features.values())).shape[0]
+        if rows is not None and rows != n:
             raise ValueError(
-                f"features has {next(iter(features.values())).shape[0]} rows for {n} records; "
-                "pass prefix_features(encoded) of these records"
+                f"features has {rows} rows for {n} records; pass prefix_features(encoded) of "
+                "these records"
             )
         correct = 0
         try:
