@@ -42,6 +42,14 @@ Sections (``--sections``, default all three):
   path, K = ``--prefix-k``), and the speed-up.
 * ``batched``: ``batched_directions=m`` on the same small trainable tops, with the prefix cache,
   against the sequential probe.
+* ``threads``: full fine-tuning of MiniLM with ``--threads`` torch threads (default 2) and
+  expected batch ``--threads-batches`` (default 16 and 64, the job's and the paper's batch),
+  **wall-clock** medians (several threads make process CPU time count every core): the
+  paper-style loop, the default path with the chunked Gaussian generator on all threads
+  (``hooks``) and on one (``hooks_serial``, ``set_generation_threads(1)``: what a serial
+  ``torch.randn`` costs), and Rademacher (``hooks_rademacher`` against ``paper_rademacher``),
+  for K in ``--threads-ks`` (default 4, 16). Needs an otherwise idle machine: the load average
+  before and after each K is stored.
 
 Workloads: MiniLM: the packaged all-MiniLM-L6-v2 classifier, all 22.7M parameters trainable in
 ``paths``, one fixed batch of 16 Rotten Tomatoes training sentences (max_length 64, 47 tokens),
@@ -107,9 +115,16 @@ REFERENCE = {
     "hooks_rademacher": "paper_rademacher",
     "hooks_forward": "paper_forward",
 }
+THREAD_PATHS = ("paper", "hooks", "hooks_serial", "paper_rademacher", "hooks_rademacher")
+THREAD_REFERENCE = {
+    "hooks": "paper",
+    "hooks_serial": "paper",
+    "hooks_rademacher": "paper_rademacher",
+}
 OPTIONS = {
     "inplace": {"perturbation": "inplace"},
     "hooks": {},
+    "hooks_serial": {},
     "hooks_rademacher": {"directions": "rademacher"},
     "hooks_forward": {"difference": "forward"},
     "hooks_rademacher_forward": {"directions": "rademacher", "difference": "forward"},
@@ -373,6 +388,77 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
     return rows
 
 
+def run_threads(args: argparse.Namespace) -> list[dict]:
+    """Wall-clock step time of full MiniLM fine-tuning with ``args.threads`` torch threads."""
+    from zoprivacy.directions import set_generation_threads
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    try:
+        for batch in args.threads_batches:
+            work = minilm_workload(batch_size=batch)
+            set_trainable(work.model, None)
+            params = [p for p in work.model.parameters() if p.requires_grad]
+            closure = work.closure()
+            for path in THREAD_PATHS:  # warm-up
+                make_optimizer(path, params, 1, batch).step(closure)
+            for k in args.threads_ks:
+                load_before = os.getloadavg()
+                fwd = forward_time(closure, args.forward_repeats)
+                times: dict[str, list[float]] = defaultdict(list)
+                for _ in range(args.repeats):
+                    for path in THREAD_PATHS:
+                        opt = make_optimizer(path, params, k, batch)
+                        set_generation_threads(1 if path == "hooks_serial" else None)
+                        try:
+                            times[path].append(cpu_time(lambda o=opt, c=closure: o.step(c))[1])
+                        finally:
+                            set_generation_threads(None)
+                entries: dict[str, Any] = {}
+                for path in THREAD_PATHS:
+                    wall = statistics.median(times[path])
+                    entries[path] = {
+                        "wall_seconds": wall,
+                        "all_wall_seconds": times[path],
+                        "over_2k_forward": wall / (2 * k * fwd["wall"]),
+                    }
+                for path, ref in THREAD_REFERENCE.items():
+                    entries[path]["speedup_vs_paper"] = (
+                        entries[ref]["wall_seconds"] / entries[path]["wall_seconds"]
+                    )
+                    entries[path]["paper_reference"] = ref
+                rows.append(
+                    {
+                        "batch": batch,
+                        "seq_len": int(work.batch["input_ids"].shape[1]),
+                        "K": k,
+                        "threads": args.threads,
+                        "forward_wall_seconds": fwd["wall"],
+                        "forward_cpu_seconds": fwd["cpu"],
+                        "repeats": args.repeats,
+                        "loadavg_before": load_before,
+                        "loadavg_after": os.getloadavg(),
+                        "paths": entries,
+                    }
+                )
+                print(
+                    f"[threads={args.threads} batch={batch}] K={k:<3} fwd "
+                    f"{fwd['wall'] * 1e3:7.1f} ms | "
+                    + "  ".join(
+                        f"{name} {entries[name]['over_2k_forward']:.2f}" for name in THREAD_PATHS
+                    )
+                    + " | speed-up "
+                    + "  ".join(
+                        f"{name} {entries[name]['speedup_vs_paper']:.2f}"
+                        for name in THREAD_REFERENCE
+                    ),
+                    flush=True,
+                )
+    finally:
+        torch.set_num_threads(1)
+    return rows
+
+
 def _step_seconds(
     work: Workload,
     losses: Callable[[], torch.Tensor],
@@ -614,6 +700,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-ks", type=int, nargs="+", default=[16])
     parser.add_argument("--batched-k", type=int, default=16)
     parser.add_argument("--batched-ms", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--threads", type=int, default=2, help="threads section: torch threads")
+    parser.add_argument("--threads-batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--threads-ks", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--out", help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -636,6 +725,22 @@ def main(argv: list[str] | None = None) -> None:
     else:
         works = {"minilm": minilm_workload, "smollm2": smollm2_workload}
         works = {k: v for k, v in works.items() if k in args.models}
+    if "threads" in args.sections and not args.quick:
+        started = time.perf_counter()
+        rows = run_threads(args)
+        previous = payload.get("threads", {}).get("rows", [])
+        measured = {(r["batch"], r["K"], r["threads"]) for r in rows}
+        rows = [r for r in previous if (r["batch"], r["K"], r["threads"]) not in measured] + rows
+        payload["threads"] = {
+            "config": {
+                "model": "all-MiniLM-L6-v2 classifier, all parameters trainable",
+                "clock": "wall time (torch threads = generation threads = --threads)",
+                "wall_seconds": time.perf_counter() - started,
+            },
+            "rows": sorted(rows, key=lambda r: (r["threads"], r["batch"], r["K"])),
+        }
+        target.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+        args.sections = [x for x in args.sections if x != "threads"]
     for key, build in works.items():
         started = time.perf_counter()
         work = build()

@@ -445,3 +445,22 @@ def test_benchmark_scripts_run_quick(tmp_path):
     row = next(iter(payload["paths"].values()))["rows"][0]
     assert row["paths"]["hooks"]["perturbation_path"] == "hooks"
     assert (tmp_path / "step_time_paths_quick.png").exists()
+
+
+def test_threads_section_runs_on_the_packaged_minilm():
+    """The wall-clock threads section, at its smallest: batch 2, K = 1, one repeat."""
+    import argparse
+
+    from benchmarks import step_time_paths
+    from zoprivacy.directions import generation_threads
+
+    args = argparse.Namespace(
+        threads=2, threads_batches=[2], threads_ks=[1], repeats=1, forward_repeats=1
+    )
+    rows = step_time_paths.run_threads(args)
+    assert [(r["batch"], r["K"], r["threads"]) for r in rows] == [(2, 1, 2)]
+    paths = rows[0]["paths"]
+    assert set(paths) == set(step_time_paths.THREAD_PATHS)
+    assert all(p["wall_seconds"] > 0 and p["over_2k_forward"] > 0 for p in paths.values())
+    assert paths["hooks"]["paper_reference"] == "paper"
+    assert torch.get_num_threads() == 1 and generation_threads() == 1  # restored

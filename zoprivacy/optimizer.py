@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from zoprivacy.directions import DirectionStream, check_kind, draw_public_seed
+from zoprivacy.directions import (
+    DIRECTION_STREAM,
+    DirectionStream,
+    check_kind,
+    draw_public_seed,
+    stream_affects,
+)
 from zoprivacy.distributed import DataParallel
 from zoprivacy.masks import pack_mask
 from zoprivacy.noise import NoiseSource
@@ -877,6 +883,7 @@ class DPAggZO(torch.optim.Optimizer):
             "scheduled": list(self.scheduled),
             "perturbation": self._perturbation,
             "directions": self._directions,
+            "direction_stream": DIRECTION_STREAM,
             "difference": self._difference,
             "masked": self._mask is not None,
             "batched_directions": self._batched,
@@ -929,6 +936,16 @@ class DPAggZO(torch.optim.Optimizer):
         q = None if q is None else _check_real("sample_rate", q, positive=True)
         perturbation = check_perturbation(zo.get("perturbation", self._perturbation))
         directions = check_kind(zo.get("directions", self._directions))
+        stream = zo.get("direction_stream", "v1")
+        trainable = [p for p, _ in self._trainable()]
+        if stream != DIRECTION_STREAM and stream_affects(trainable, directions):
+            raise ValueError(
+                f"state_dict was saved with direction stream {stream!r}, this zoprivacy "
+                f"generates {DIRECTION_STREAM!r}: its CPU Gaussian directions of tensors with "
+                "more than GAUSSIAN_CHUNK values differ, so the run would not continue the same "
+                "trajectory; resume with the zoprivacy version that wrote the checkpoint, or "
+                "start a new run"
+            )
         difference = zo.get("difference", self._difference)
         if difference not in DIFFERENCES:
             raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
