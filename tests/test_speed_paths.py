@@ -464,3 +464,18 @@ def test_threads_section_runs_on_the_packaged_minilm():
     assert all(p["wall_seconds"] > 0 and p["over_2k_forward"] > 0 for p in paths.values())
     assert paths["hooks"]["paper_reference"] == "paper"
     assert torch.get_num_threads() == 1 and generation_threads() == 1  # restored
+
+
+def test_generation_benchmark_times_the_three_generators(tmp_path):
+    import json
+
+    from benchmarks import generation
+
+    generation.main(["--models", "minilm", "--repeats", "1", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "generation.json").read_text())["rows"][0]
+    assert row["values"] > 20_000_000 and set(row["seconds"]) == {
+        "whole_tensor",
+        "chunked_1",
+        "chunked_2",
+    }
+    assert row["over_whole_tensor"]["whole_tensor"] == 1.0
