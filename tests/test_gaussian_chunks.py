@@ -101,6 +101,29 @@ def test_a_large_non_contiguous_buffer_is_refused():
     assert torch.count_nonzero(buf) == 0
 
 
+def test_chunks_queued_behind_a_busy_pool_are_still_filled(monkeypatch):
+    """The caller finishes its share first and must wait for a worker task not yet started."""
+    import threading
+
+    monkeypatch.setattr(directions, "_POOL", None)  # a fresh pool with one worker
+    monkeypatch.setattr(directions, "_POOL_SIZE", 0)
+    set_generation_threads(1)
+    n = 6 * GAUSSIAN_CHUNK
+    serial = fill_direction_(torch.empty(n), 21)
+    set_generation_threads(2)
+    release = threading.Event()
+    blocker = directions._pool(1).submit(release.wait, 10)  # occupies the only worker
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    try:
+        parallel = fill_direction_(torch.empty(n), 21)  # its task waits behind the blocker
+    finally:
+        release.set()
+        timer.cancel()
+    assert blocker.result() is True
+    assert torch.equal(serial, parallel)
+
+
 def test_a_worker_error_reaches_the_caller(monkeypatch):
     set_generation_threads(2)
     real = directions._fill_chunks

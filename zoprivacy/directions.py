@@ -45,7 +45,7 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -209,8 +209,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE < workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=True)
+            # a smaller pool is dropped, not shut down: another thread may still submit to it
+            # (its threads exit once it is garbage collected)
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoprivacy-z")
             _POOL_SIZE = workers
         return _POOL
@@ -283,13 +283,14 @@ def _fill_gaussian_chunks_(out: torch.Tensor, seed: int, generator: torch.Genera
     ]
     try:
         _fill_chunks(flat, seeds, range(0, num_chunks, workers), generator)
-    finally:  # never return (or raise) while a worker still writes into the buffer
+    except BaseException:  # e.g. KeyboardInterrupt: drop what has not started, then wait
         for f in futures:
             f.cancel()
-        errors = [f.exception() for f in futures if not f.cancelled()]
-    for error in errors:
-        if error is not None:
-            raise error
+        wait(futures)
+        raise
+    wait(futures)  # never return (or raise) while a worker still writes into the buffer
+    for f in futures:
+        f.result()  # a worker's error
 
 
 def fill_direction_(
