@@ -41,25 +41,19 @@ def _shapes(model: str) -> list[torch.Size]:
 
 
 def run(model: str, threads: int, repeats: int) -> dict[str, Any]:
-    from zoprivacy.directions import (
-        DirectionStream,
-        scratch_buffers,
-        set_generation_threads,
-        tensor_seeds,
-    )
+    from zoprivacy.directions import DirectionStream, scratch_buffers, set_generation_threads
 
     tensors = [torch.empty(shape) for shape in _shapes(model)]
     scratch = scratch_buffers(tensors)
     buf = scratch[torch.device("cpu")]
     stream = DirectionStream(tensors, seed=1, step=0)
-    seeds = tensor_seeds(1, 0, 0, len(tensors))
     gen = torch.Generator()
 
     def whole_tensor() -> None:
-        for t, s in zip(tensors, seeds, strict=True):
-            view = buf[: t.numel() * 4].view(torch.float32).view(t.shape)
-            gen.manual_seed(s)
-            torch.randn(t.shape, generator=gen, out=view)
+        for index, seed in enumerate(stream.seeds(0)):
+            view = stream.view(buf, index)
+            gen.manual_seed(seed)
+            torch.randn(view.shape, generator=gen, out=view)
 
     def chunked() -> None:
         for _ in stream.iter(0, scratch):

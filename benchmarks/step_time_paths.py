@@ -309,6 +309,13 @@ def make_optimizer(path: str, params: list[torch.Tensor], k: int, batch: int, **
     return DPAggZO(params, LR, seed=0, noise_seed=0, **common, **OPTIONS[path], **extra)
 
 
+def _add_speedups(entries: dict[str, dict], reference: dict[str, str], clock: str) -> None:
+    """Give each path of ``reference`` its speed-up over its paper-style path (same maths)."""
+    for path, ref in reference.items():
+        entries[path]["speedup_vs_paper"] = entries[ref][clock] / entries[path][clock]
+        entries[path]["paper_reference"] = ref
+
+
 def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> list[dict]:
     params = [p for p in work.model.parameters() if p.requires_grad]
     closure = work.closure()
@@ -372,11 +379,7 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
                 entry["breakdown_fraction"] = {c: v / cpu for c, v in med.items()}
                 entry.update(info[path])
             row["paths"][path] = entry
-        for path, ref in REFERENCE.items():
-            row["paths"][path]["speedup_vs_paper"] = (
-                row["paths"][ref]["seconds"] / row["paths"][path]["seconds"]
-            )
-            row["paths"][path]["paper_reference"] = ref
+        _add_speedups(row["paths"], REFERENCE, "seconds")
         rows.append(row)
         p = row["paths"]
         print(
@@ -430,11 +433,7 @@ def run_threads(args: argparse.Namespace) -> list[dict]:
                         "over_2k_forward": wall / forwards,
                         "over_2k_single_forward": wall / (2 * k * fwd["wall"]),
                     }
-                for path, ref in THREAD_REFERENCE.items():
-                    entries[path]["speedup_vs_paper"] = (
-                        entries[ref]["wall_seconds"] / entries[path]["wall_seconds"]
-                    )
-                    entries[path]["paper_reference"] = ref
+                _add_speedups(entries, THREAD_REFERENCE, "wall_seconds")
                 rows.append(
                     {
                         "batch": batch,

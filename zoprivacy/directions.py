@@ -64,6 +64,7 @@ __all__ = [
     "iter_direction",
     "scratch_buffers",
     "set_generation_threads",
+    "stream_affects",
     "tensor_seeds",
 ]
 
@@ -73,6 +74,7 @@ DIRECTION_KINDS = ("gaussian", "rademacher")
 """The direction distributions: ``"gaussian"`` (default) and ``"rademacher"``."""
 
 RADEMACHER_CHUNK_WORDS = 1 << 13
+"""64-bit words drawn per chunk by a Rademacher direction (8,192 words = 524,288 signs)."""
 
 GAUSSIAN_CHUNK = 1 << 16
 """Values per independently seeded chunk of a Gaussian direction on a CPU (65,536)."""
@@ -85,7 +87,6 @@ one generator seeded with the tensor seed; version 2 seeds each :data:`GAUSSIAN_
 separately. Tensors of at most that many values, Rademacher directions and CUDA tensors are
 generated identically by both.
 """
-"""64-bit words drawn per chunk by a Rademacher direction (8,192 words = 524,288 signs)."""
 
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _BIT_TABLES: dict[torch.device, torch.Tensor] = {}
