@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import RESULTS, machine, write_json
-from zoprivacy import DPAggZO, secure_noise
+from zoprivacy import DPAggZO
 from zoprivacy.audit import run_audit
-from zoprivacy.noise import NoiseSource, sample_noise
+from zoprivacy.noise import samplers as secure_noise
+from zoprivacy.noise.source import NoiseSource, sample_noise
 
 GAUSSIAN = ("release:likelihood", "update:likelihood", "release:norm", "update:norm")
 FLOAT = ("release:float", "release:grid")

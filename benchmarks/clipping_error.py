@@ -65,7 +65,7 @@ def finetune_head(feats: TaskFeatures, steps: int, lr: float, seed: int) -> floa
 def clip_errors(
     feats: TaskFeatures, batch: dict[str, torch.Tensor], k: int, beta: float, seed: int
 ) -> dict[str, float]:
-    from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.optim.optimizer import DPAggZO
 
     clf = feats.classifier
     clf.model.eval()

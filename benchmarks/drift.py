@@ -79,7 +79,7 @@ def build(dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
 
 def run(path: str, dtype: torch.dtype, cycles: int) -> dict[str, Any]:
     from benchmarks.step_time import PaperStyleDPAggZO
-    from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.optim.optimizer import DPAggZO
 
     model, closure = build(dtype)
     params = list(model.parameters())

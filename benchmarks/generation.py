@@ -5,7 +5,7 @@ does it twice). Three generators, timed in interleaved rounds on the same buffer
 
 * ``whole_tensor``: direction stream v1, one ``torch.randn`` per tensor from its seed (what
   zoprivacy did before the chunked generator; serial whatever the thread count);
-* ``chunked_1``: the current stream (:data:`zoprivacy.directions.GAUSSIAN_CHUNK`-value chunks,
+* ``chunked_1``: the current stream (:data:`zoprivacy.optim.directions.GAUSSIAN_CHUNK`-value chunks,
   each seeded separately) with one generation thread;
 * ``chunked_N``: the same values with ``N`` = ``--threads`` generation threads.
 
@@ -31,7 +31,7 @@ from benchmarks._common import RESULTS, machine
 
 
 def _shapes(model: str) -> list[torch.Size]:
-    from zoprivacy.packaged import load_minilm_classifier, load_smollm2
+    from zoprivacy.tasks.packaged import load_minilm_classifier, load_smollm2
 
     if model == "minilm":
         net, _ = load_minilm_classifier(2, seed=0)
@@ -41,7 +41,7 @@ def _shapes(model: str) -> list[torch.Size]:
 
 
 def run(model: str, threads: int, repeats: int) -> dict[str, Any]:
-    from zoprivacy.directions import DirectionStream, scratch_buffers, set_generation_threads
+    from zoprivacy.optim.directions import DirectionStream, scratch_buffers, set_generation_threads
 
     tensors = [torch.empty(shape) for shape in _shapes(model)]
     scratch = scratch_buffers(tensors)

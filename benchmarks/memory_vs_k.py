@@ -8,7 +8,7 @@ Configurations (``--configs MODEL/TRAINABLE``, the paper's Table 3 on both packa
 * ``minilm/classifier``: the same model and batch, only the classification head trainable (the
   utility rows' selection);
 * ``smollm2/all``: SmolLM2-135M-Instruct (134.5M parameters, float32) answering with the label
-  words " negative"/" positive" through a :class:`~zoprivacy.prefix.LabelWordHead` (a module,
+  words " negative"/" positive" through a :class:`~zoprivacy.LabelWordHead` (a module,
   so Opacus sees it), every parameter trainable; one batch of **4** prompts
   ``"Review: {s}\nSentiment:"`` with ``max_length=32`` (31 tokens). The batch is small so that
   K = 256 (512 forward passes, 768 regenerations of 134.5M-entry directions) stays affordable;
@@ -169,8 +169,8 @@ def real_workload(model_name: str = "minilm", trainable: str = "all") -> Workloa
     import torch
     import torch.nn.functional as F
 
-    from zoprivacy.packaged import load_minilm_classifier, load_rotten_tomatoes, make_splits
     from zoprivacy.tasks import encode_classification, sequence_classification_losses
+    from zoprivacy.tasks.packaged import load_minilm_classifier, load_rotten_tomatoes, make_splits
 
     model, tokenizer = load_minilm_classifier(2, seed=0)
     _own_memory(model)
@@ -211,9 +211,9 @@ def _smollm2_workload(trainable: str) -> Workload:
     from torch import nn
 
     from zoprivacy import tasks
-    from zoprivacy.packaged import load_rotten_tomatoes, load_smollm2, make_splits
-    from zoprivacy.prefix import LabelWordHead
     from zoprivacy.tasks.losses import _hidden_states
+    from zoprivacy.tasks.packaged import load_rotten_tomatoes, load_smollm2, make_splits
+    from zoprivacy.tasks.prefix import LabelWordHead
 
     if trainable not in ("all", "head"):
         raise ValueError(f"smollm2 trainable must be all or head, got {trainable!r}")
@@ -382,7 +382,7 @@ def _step_fn(
     if method == "inference":
         return work.losses, work.losses
     if method in ("dpaggzo", CONTROL):
-        from zoprivacy.optimizer import DPAggZO
+        from zoprivacy.optim.optimizer import DPAggZO
 
         params = [p for p in work.model.parameters() if p.requires_grad]
 
@@ -400,7 +400,7 @@ def _step_fn(
 
         return make(1), make(k)  # type: ignore[arg-type]
     if method == "dpzo":
-        from zoprivacy.optimizer import DPZO
+        from zoprivacy.optim.optimizer import DPZO
 
         params = [p for p in work.model.parameters() if p.requires_grad]
         opt = DPZO(

@@ -6,7 +6,7 @@ clip c = 1, σ = 1, b = 16, φ = 1e-3, one thread, one process.
 
 * ``forward``: the closure (``sequence_classification_losses``, under ``torch.inference_mode``),
   median of ``--forward-repeats`` calls. A K-step needs 2K of them: the floor is 2K·forward.
-* ``dpaggzo``: :meth:`zoprivacy.optimizer.DPAggZO.step`, median of ``--repeats`` steps.
+* ``dpaggzo``: :meth:`zoprivacy.DPAggZO.step`, median of ``--repeats`` steps.
 * ``paper``: :class:`PaperStyleDPAggZO` below, the same maths written the way the paper's
   artifact (derived from MeZO's trainer) does it: the direction z_k of every tensor comes from
   ``torch.manual_seed(seed_k)`` and a freshly allocated ``torch.normal(...)`` for each parameter,
@@ -66,7 +66,7 @@ PHI = 1e-3
 class PaperStyleDPAggZO:
     """DP-AggZO written like the paper's artifact code (MeZO-style), for timing comparisons.
 
-    Same maths as :class:`~zoprivacy.optimizer.DPAggZO` (differences in float64, averaging over
+    Same maths as :class:`~zoprivacy.DPAggZO` (differences in float64, averaging over
     K, per-record L2 clipping to c, Gaussian noise σc on the K-vector, update −η/b Σ_k S_k z_k),
     but every z_k is drawn with ``torch.manual_seed(seed_k)`` and a freshly allocated tensor per
     parameter, regenerated for each in-place perturbation (+φ, −2φ, +φ) and for the update (4K
@@ -187,7 +187,7 @@ def measure(fn: Callable[[], object], repeats: int) -> dict[str, Any]:
 @torch.no_grad()
 def components(params: list[torch.Tensor], batch: int, k: int, repeats: int) -> dict[str, Any]:
     """Per-pass costs of the pieces of a step, each timed alone (``measure`` dicts)."""
-    from zoprivacy.directions import iter_direction, scratch_buffers, tensor_seeds
+    from zoprivacy.optim.directions import iter_direction, scratch_buffers, tensor_seeds
 
     scratch = scratch_buffers(params)
     gens = {dev: torch.Generator(device=dev) for dev in scratch}
@@ -258,7 +258,7 @@ def breakdown(step: float, k: int, forward: float, comp: dict) -> dict[str, dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.optim.optimizer import DPAggZO
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny MLP, K in {1, 4} (smoke test)")

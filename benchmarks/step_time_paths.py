@@ -32,13 +32,14 @@ Sections (``--sections``, default all three):
 
   Breakdown (instrumented, nested timers with the children's time subtracted): ``forward``
   (closure calls, minus the substitution work done inside them), ``generate``
-  (:func:`zoprivacy.directions.fill_direction_`), ``write`` (forming θ ± φz for the substitution,
+  (:func:`~zoprivacy.optim.directions.fill_direction_`),
+  ``write`` (forming θ ± φz for the substitution,
   in-place adds and restores, the update's adds), ``clip`` (``DPAggZO._clip``) and ``other``
   (the rest: closure checks, RNG state, noise, Python).
 
-* ``prefix``: :class:`zoprivacy.prefix.PrefixCache` on the trainable top of each model (MiniLM:
+* ``prefix``: :class:`zoprivacy.PrefixCache` on the trainable top of each model (MiniLM:
   pooler + classifier + the last N layers; SmolLM2: the last N layers + final norm +
-  :class:`~zoprivacy.prefix.LabelWordHead`): step time without and with the cache (default
+  :class:`~zoprivacy.LabelWordHead`): step time without and with the cache (default
   path, K = ``--prefix-k``), and the speed-up.
 * ``batched``: ``batched_directions=m`` on the same small trainable tops, with the prefix cache,
   against the sequential probe.
@@ -162,7 +163,7 @@ def _detach_from_checkpoint(model: Any) -> None:
 
 def minilm_workload(batch_size: int = 16, max_length: int = 64) -> Workload:
     from zoprivacy import tasks
-    from zoprivacy.packaged import load_minilm_classifier, load_rotten_tomatoes, make_splits
+    from zoprivacy.tasks.packaged import load_minilm_classifier, load_rotten_tomatoes, make_splits
 
     model, tok = load_minilm_classifier(2, seed=0)
     _detach_from_checkpoint(model)
@@ -177,7 +178,7 @@ def minilm_workload(batch_size: int = 16, max_length: int = 64) -> Workload:
 
 def smollm2_workload(batch_size: int = 4, max_length: int = 24) -> Workload:
     from zoprivacy import tasks
-    from zoprivacy.packaged import load_rotten_tomatoes, load_smollm2, make_splits
+    from zoprivacy.tasks.packaged import load_rotten_tomatoes, load_smollm2, make_splits
 
     model, tok = load_smollm2()
     _detach_from_checkpoint(model)
@@ -252,9 +253,9 @@ class Breakdown:
         return timed
 
     def install(self) -> None:
-        import zoprivacy.directions as directions
-        from zoprivacy.optimizer import DPAggZO
-        from zoprivacy.perturb import Prober
+        import zoprivacy.optim.directions as directions
+        from zoprivacy.optim.optimizer import DPAggZO
+        from zoprivacy.optim.perturb import Prober
 
         targets = [
             (directions, "fill_direction_", "generate"),
@@ -291,7 +292,7 @@ def forward_time(closure: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 def make_optimizer(path: str, params: list[torch.Tensor], k: int, batch: int, **extra: Any):
-    from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.optim.optimizer import DPAggZO
 
     common = dict(
         num_directions=k,
@@ -395,7 +396,7 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
 
 def run_threads(args: argparse.Namespace) -> list[dict]:
     """Wall-clock step time of full MiniLM fine-tuning with ``args.threads`` torch threads."""
-    from zoprivacy.directions import set_generation_threads
+    from zoprivacy.optim.directions import set_generation_threads
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -476,7 +477,7 @@ def _step_seconds(
     repeats: int,
     **options: Any,
 ) -> tuple[float, str]:
-    from zoprivacy.optimizer import DPAggZO
+    from zoprivacy.optim.optimizer import DPAggZO
 
     def make() -> Any:
         return DPAggZO(
@@ -512,7 +513,7 @@ def _tops(work: Workload) -> list[tuple[str, list[Any], Callable[[Any], torch.Te
             ("head+last1", [*head, *layers[-1:]], work.losses),
             ("head+last2", [*head, *layers[-2:]], work.losses),
         ]
-    from zoprivacy.prefix import LabelWordHead
+    from zoprivacy.tasks.prefix import LabelWordHead
 
     label_head = work.extra.get("label_head")
     if label_head is None:
@@ -529,7 +530,7 @@ def _tops(work: Workload) -> list[tuple[str, list[Any], Callable[[Any], torch.Te
 
 
 def run_prefix(work: Workload, args: argparse.Namespace) -> list[dict]:
-    from zoprivacy.prefix import PrefixCache
+    from zoprivacy.tasks.prefix import PrefixCache
 
     rows = []
     for name, modules, losses in _tops(work):
@@ -569,7 +570,7 @@ def run_prefix(work: Workload, args: argparse.Namespace) -> list[dict]:
 
 
 def run_batched(work: Workload, args: argparse.Namespace) -> list[dict]:
-    from zoprivacy.prefix import PrefixCache
+    from zoprivacy.tasks.prefix import PrefixCache
 
     rows = []
     k = args.batched_k

@@ -3,7 +3,8 @@
 Protocol (README_utility.md has the full description and the results):
 
 * tasks: Rotten Tomatoes (binary, the SST-2 stand-in) and BBC News topics (5 classes, the TREC
-  stand-in), split once with the public seed 0 by :func:`zoprivacy.packaged.make_splits`: a fixed
+  stand-in), split once with the public seed 0 by
+  :func:`zoprivacy.tasks.packaged.make_splits`: a fixed
   held-out test split (the ``zoprivacy finetune`` job's, same seed and size), a validation split
   carved from the rest, and up to 512 training records per class from what is left;
 * models (``--model``): the packaged MiniLM classifier with only the classification head
@@ -200,7 +201,7 @@ class TaskFeatures:
     def initial_head(self, seed: int) -> dict[str, torch.Tensor]:
         """The packaged loader's MiniLM head initialisation for ``seed`` (the job's --seed)."""
         if seed not in self._heads:
-            from zoprivacy import packaged
+            from zoprivacy.tasks import packaged
 
             net, _ = packaged.load_minilm_classifier(self.num_labels, seed=seed)
             self._heads[seed] = {k: v.clone() for k, v in net.classifier.state_dict().items()}

@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import itertools
+
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -20,3 +23,47 @@ settings.register_profile(
     "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ------------------------------------------------------------------ shared models and data
+# Test files build their small models and regression data through these helpers (directly, or via
+# the fixtures of the same name) instead of each carrying its own copy.
+def seeded_mlp(*sizes: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A Linear (one size pair) or Linear-Tanh-...-Linear stack, built under ``seed`` without
+    touching the global RNG state of the test."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            if i:
+                layers.append(torch.nn.Tanh())
+            layers.append(torch.nn.Linear(a, b))
+    model = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
+    return model.to(dtype)
+
+
+def regression_data(
+    n: int, dim: int, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` records x ~ N(0, I_dim) with targets x·w + 0.1·noise for a fixed w."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    w = torch.linspace(-2.0, 3.0, dim, dtype=torch.float64)
+    y = x @ w + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def squared_errors(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Per-record squared errors of a (x, y) batch; the empty Poisson batch gives shape [0]."""
+    from zoprivacy import is_empty_batch
+
+    if is_empty_batch(batch):
+        return torch.zeros(0)
+    x, y = batch
+    return (model(x).squeeze(-1) - y) ** 2
+
+
+@pytest.fixture
+def make_mlp():
+    """Factory fixture: ``make_mlp(4, 8, 1, seed=0, dtype=...)`` (see :func:`seeded_mlp`)."""
+    return seeded_mlp

@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from zoprivacy import DPAggZO, secure_noise
+from zoprivacy import DPAggZO
 from zoprivacy.accounting import compute_epsilon
 from zoprivacy.audit import (
     AuditResult,
@@ -35,7 +35,8 @@ from zoprivacy.audit import (
     subsampled_gaussian_epsilon_pld,
     subsampled_gaussian_tradeoff,
 )
-from zoprivacy.noise import NoiseSource
+from zoprivacy.noise import samplers as secure_noise
+from zoprivacy.noise.source import NoiseSource
 
 GAUSSIAN = ("release:likelihood", "update:likelihood", "release:norm", "update:norm")
 SIGMA, DELTA = 2.0, 1e-2

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from zoprivacy import data
-from zoprivacy.data import (
+from zoprivacy.data import poisson as data
+from zoprivacy.data.poisson import (
     EMPTY_BATCH,
     EmptyBatch,
     PoissonBatchSampler,

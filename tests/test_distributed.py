@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 from zoprivacy import DPAggZO, MagnitudeMask, RandomMask, Stagewise, is_empty_batch, make_private
-from zoprivacy.data import PredictableSamplingWarning
+from zoprivacy.data.poisson import PredictableSamplingWarning
 from zoprivacy.distributed import DataParallel, DistributedPoissonSampler, parameter_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -491,7 +491,7 @@ def test_the_configuration_digest_covers_the_step_options():
     """One process: each step option (and each mask/schedule setting) changes the digest that
     the ranks compare; equal library objects built separately give the same digest."""
     from zoprivacy.distributed import _config_digest
-    from zoprivacy.masks import FixedMask
+    from zoprivacy.optim.masks import FixedMask
 
     def digest(**options: Any) -> bytes:
         with warnings.catch_warnings():

@@ -9,9 +9,9 @@ import signal
 import pytest
 import torch
 
-from zoprivacy import packaged
 from zoprivacy.accounting import compute_epsilon
 from zoprivacy.cli import main
+from zoprivacy.tasks import packaged
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -203,7 +203,7 @@ def test_cli_end_to_end_report_weights_card_and_diagnostics(tmp_path, capsys):
 
 def test_interrupt_then_resume_finishes_the_same_run(tmp_path, monkeypatch, capsys):
     releases = []
-    import zoprivacy.private as private_module
+    import zoprivacy.run.private as private_module
 
     real_release = private_module.release_size
 
@@ -421,7 +421,7 @@ def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeyp
     assert [lr for _, lr, _ in seen] == [1.0, 0.5, 0.5, 0.5]
     assert [s.clip_norm for s in stats] == pytest.approx([0.4, 0.4, 0.4, 0.1])
     assert [s.perturbation_scale for s in stats] == [1e-3, 1e-3, 1e-3, 1e-2]
-    from zoprivacy.masks import MagnitudeMask
+    from zoprivacy.optim.masks import MagnitudeMask
 
     assert all(m == MagnitudeMask(0.5) for _, _, m in seen)
     report = read_report(out)

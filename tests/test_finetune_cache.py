@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 
-from zoprivacy import packaged, tasks
+from zoprivacy import tasks
 from zoprivacy.cli import main
-from zoprivacy.optimizer import DPAggZO
+from zoprivacy.optim.optimizer import DPAggZO
+from zoprivacy.tasks import packaged
 
 pytest.importorskip("transformers")
 try:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from zoprivacy import DPAggZO, accounting
 from zoprivacy.accounting import PrivacyBudgetExceeded, RDPAccountant
-from zoprivacy.directions import direction_tensor
+from zoprivacy.optim.directions import direction_tensor
 
 COUNTS: collections.Counter[str] = collections.Counter()
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from scipy import stats
 
-import zoprivacy.directions as directions
-from zoprivacy.directions import (
+import zoprivacy.optim.directions as directions
+from zoprivacy.optim.directions import (
     DIRECTION_STREAM,
     GAUSSIAN_CHUNK,
     direction_tensor,
@@ -26,9 +26,9 @@ from zoprivacy.directions import (
     set_generation_threads,
     tensor_seeds,
 )
-from zoprivacy.optimizer import DPAggZO
+from zoprivacy.optim.optimizer import DPAggZO
 
-pytestmark = [pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning")]
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import zoprivacy.private as private
+import zoprivacy.run.private as private
 from zoprivacy import PoissonBatchSampler, PredictableNoiseWarning, make_private
 from zoprivacy.accounting import RDPAccountant
-from zoprivacy.data import PredictableSamplingWarning
-from zoprivacy.journal import JournalError, StepJournal, params_digest
-from zoprivacy.private import AbandonedStepWarning
+from zoprivacy.data.poisson import PredictableSamplingWarning
+from zoprivacy.run.journal import JournalError, StepJournal, params_digest
+from zoprivacy.run.private import AbandonedStepWarning
 
 N, DIM = 24, 4
 

@@ -14,7 +14,7 @@ Batches come from the library's Poisson loader with a seeded sampler: batch t is
 batches an unbroken one would.
 
 Two modes: ``every-step`` saves a checkpoint after every step; ``journal`` saves one every 5 steps
-and keeps the write-ahead journal (:mod:`zoprivacy.journal`), so a kill usually lands on steps
+and keeps the write-ahead journal (:mod:`zoprivacy.run.journal`), so a kill usually lands on steps
 that ran after the last checkpoint (replayed, never released again) or mid-step (charged as
 abandoned), and sometimes before the first checkpoint (ñ is reused from the journal).
 """
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import zoprivacy
-    import zoprivacy.private as private
+    import zoprivacy.run.private as private
 
     ckpt, count_path, progress, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     mode = sys.argv[5]
@@ -126,7 +126,7 @@ ZYGOTE = textwrap.dedent(
     import os, runpy, sys, traceback
     import numpy, torch
     torch.set_num_threads(1)
-    import zoprivacy, zoprivacy.private
+    import zoprivacy, zoprivacy.run.private
     print("ready", flush=True)
     for line in sys.stdin:
         argv = line.split()

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from zoprivacy import tasks
-from zoprivacy.optimizer import DPAggZO
-from zoprivacy.packaged import PackageNotInstalled, load_minilm_classifier
-from zoprivacy.prefix import PrefixCache
+from zoprivacy.optim.optimizer import DPAggZO
+from zoprivacy.tasks.packaged import PackageNotInstalled, load_minilm_classifier
+from zoprivacy.tasks.prefix import PrefixCache
 
 peft = pytest.importorskip("peft")
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
 ]
 

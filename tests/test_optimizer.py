@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import zoprivacy.noise
-from zoprivacy.directions import direction_tensor, fill_direction_, tensor_seeds
-from zoprivacy.noise import PredictableNoiseWarning
-from zoprivacy.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
-from zoprivacy.stats import StepStats
+import zoprivacy.noise.source
+from zoprivacy.noise.source import PredictableNoiseWarning
+from zoprivacy.optim.directions import direction_tensor, fill_direction_, tensor_seeds
+from zoprivacy.optim.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
+from zoprivacy.optim.stats import StepStats
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.optim.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
 ]
 
 
@@ -60,7 +60,7 @@ def test_dpzo_matches_direct_reimplementation(monkeypatch):
     def fake_release(self, values, std, *, sensitivity=None):  # the OS-entropy release path
         return values.to(torch.float64) + fake_noise(values.numel(), std, None)
 
-    monkeypatch.setattr(zoprivacy.noise.NoiseSource, "add_noise", fake_release)
+    monkeypatch.setattr(zoprivacy.noise.source.NoiseSource, "add_noise", fake_release)
     lr1, wd1, lr2 = 0.1, 0.01, 0.05
     c, sigma, bsz, phi, seed = 3.0, 1.3, 4.0, 1e-3, 11
     opt = DPZO(

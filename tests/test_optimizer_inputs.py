@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from zoprivacy.optimizer import DPAggZO, MeZO
+from zoprivacy.optim.optimizer import DPAggZO, MeZO
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.optim.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
 ]
 
 GOOD = {

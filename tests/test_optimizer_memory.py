@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from zoprivacy.optimizer import DPAggZO
+from zoprivacy.optim.optimizer import DPAggZO
 
-pytestmark = pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning")
 
 
 def _peak_live_bytes(fn) -> int:

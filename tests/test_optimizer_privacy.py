@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-import zoprivacy.noise
+import zoprivacy.noise.source
 from zoprivacy.accounting import PrivacyBudgetExceeded
-from zoprivacy.directions import direction_tensor
-from zoprivacy.optimizer import DPAggZO, MeZO
+from zoprivacy.optim.directions import direction_tensor
+from zoprivacy.optim.optimizer import DPAggZO, MeZO
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.optim.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
 ]
 
 D = 5
@@ -154,7 +154,7 @@ def test_update_does_not_depend_on_actual_batch_size(sigma):
 def test_empty_batch_releases_pure_noise_and_updates(monkeypatch):
     injected = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
     monkeypatch.setattr(
-        zoprivacy.noise.NoiseSource,
+        zoprivacy.noise.source.NoiseSource,
         "add_noise",
         lambda self, values, std, sensitivity=None: values.to(torch.float64) + injected * std,
     )
@@ -214,7 +214,7 @@ def test_noise_is_independent_of_the_direction_seed():
 
 
 def test_noise_seed_reproduces_noise_and_warns():
-    with pytest.warns(zoprivacy.noise.PredictableNoiseWarning):
+    with pytest.warns(zoprivacy.noise.source.PredictableNoiseWarning):
         a = _noise_of(1, 123)
     assert torch.equal(a, _noise_of(5, 123))
 

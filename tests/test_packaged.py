@@ -1,4 +1,4 @@
-"""Offline loaders for the packaged models and data sets (zoprivacy.packaged)."""
+"""Offline loaders for the packaged models and data sets (zoprivacy.tasks.packaged)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from zoprivacy import packaged
-from zoprivacy.packaged import PackageNotInstalled, make_splits
+from zoprivacy.tasks import packaged
+from zoprivacy.tasks.packaged import PackageNotInstalled, make_splits
 
 torch.set_num_threads(1)
 

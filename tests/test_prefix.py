@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from zoprivacy import tasks
-from zoprivacy.optimizer import DPAggZO
-from zoprivacy.packaged import PackageNotInstalled, load_minilm_classifier, load_smollm2
-from zoprivacy.prefix import LabelWordHead, PrefixCache, find_embeddings, find_layers
+from zoprivacy.optim.optimizer import DPAggZO
+from zoprivacy.tasks.packaged import PackageNotInstalled, load_minilm_classifier, load_smollm2
+from zoprivacy.tasks.prefix import LabelWordHead, PrefixCache, find_embeddings, find_layers
 
-pytestmark = pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning")
 
 TEXTS = ["a gripping, beautiful film", "dull and far too long", "fine.", "I loved every minute"]
 LABELS = [1, 0, 1, 1]

@@ -50,7 +50,7 @@ def _setup(model, dataset, **kw):
     args.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", zoprivacy.PredictableNoiseWarning)
-        warnings.simplefilter("ignore", zoprivacy.data.PredictableSamplingWarning)
+        warnings.simplefilter("ignore", zoprivacy.data.poisson.PredictableSamplingWarning)
         return make_private(model, dataset, **args)
 
 
@@ -99,7 +99,7 @@ def test_checkpoint_resumes_the_same_trajectory_without_a_second_release(
         accountant.release_size(psi)
         return n + 3.5
 
-    monkeypatch.setattr(zoprivacy.private, "release_size", same_release)
+    monkeypatch.setattr(zoprivacy.run.private, "release_size", same_release)
     model_a = _model()
     run_a = _setup(model_a, dataset, steps=10, noise_seed=11)
     model_b = copy.deepcopy(model_a)
@@ -115,7 +115,7 @@ def test_checkpoint_resumes_the_same_trajectory_without_a_second_release(
     def no_release(*_a, **_k):
         raise AssertionError("resume must not release the size again")
 
-    monkeypatch.setattr(zoprivacy.private, "release_size", no_release)
+    monkeypatch.setattr(zoprivacy.run.private, "release_size", no_release)
     model_c = _model()  # fresh weights: the checkpoint restores them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", zoprivacy.PredictableNoiseWarning)
@@ -167,7 +167,9 @@ def test_save_is_atomic(dataset, tmp_path, monkeypatch):
     ],
 )
 def test_bad_arguments_are_named_and_nothing_is_released(dataset, override, match, monkeypatch):
-    monkeypatch.setattr(zoprivacy.private, "release_size", lambda *a, **k: pytest.fail("released"))
+    monkeypatch.setattr(
+        zoprivacy.run.private, "release_size", lambda *a, **k: pytest.fail("released")
+    )
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises((ValueError, TypeError), match=match):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from zoprivacy import accounting
-from zoprivacy.directions import direction_tensor
-from zoprivacy.masks import (
+from zoprivacy.optim.directions import direction_tensor
+from zoprivacy.optim.masks import (
     FixedMask,
     MagnitudeMask,
     RandomMask,
@@ -19,12 +19,12 @@ from zoprivacy.masks import (
     pack_mask,
     unpack_mask,
 )
-from zoprivacy.optimizer import DPAggZO
-from zoprivacy.schedules import Stagewise, schedule_epsilon, stage_lengths
+from zoprivacy.optim.optimizer import DPAggZO
+from zoprivacy.optim.schedules import Stagewise, schedule_epsilon, stage_lengths
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.optim.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
 ]
 
 
@@ -487,8 +487,8 @@ def test_a_resume_with_another_schedule_or_mask_raises():
 
 
 def test_library_schedules_and_masks_serialise_to_equal_objects():
-    from zoprivacy.masks import mask_from_state_dict
-    from zoprivacy.schedules import schedule_from_state_dict
+    from zoprivacy.optim.masks import mask_from_state_dict
+    from zoprivacy.optim.schedules import schedule_from_state_dict
 
     s = Stagewise([3, 9], [1e-2, 3e-3, 1e-3])
     assert schedule_from_state_dict(s.state_dict()) == s
@@ -514,7 +514,7 @@ def test_library_schedules_and_masks_serialise_to_equal_objects():
 def test_random_mask_streams_are_independent_of_the_direction_seeds():
     """RandomMask(seed=s) with the optimizer's own seed s: mask (t, index=j) must not reuse the
     seed of direction (t, k=j, tensor 0)."""
-    from zoprivacy.directions import tensor_seeds
+    from zoprivacy.optim.directions import tensor_seeds
 
     mask = RandomMask(0.5, seed=11)
     p = torch.empty(64)
@@ -533,11 +533,10 @@ def test_public_names_are_re_exported_from_the_package():
         PrefixCache,
         RandomMask,
         Stagewise,
-        masks,
-        prefix,
         schedule_epsilon,
-        schedules,
     )
+    from zoprivacy.optim import masks, schedules
+    from zoprivacy.tasks import prefix
 
     for name in (
         "PrefixCache",

@@ -1,4 +1,4 @@
-"""Exact samplers of zoprivacy.secure_noise against their exact distributions.
+"""Exact samplers of zoprivacy.noise.samplers against their exact distributions.
 
 Distribution tests use ``random.Random(seed)`` as the uniform source, so they are deterministic
 (no flaky p-values); a few sanity checks use the default OS-entropy source with 6-sigma bounds.
@@ -17,11 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import special, stats
 
-import zoprivacy.noise as zn
-from zoprivacy import data, secure_noise
-from zoprivacy.data import release_size
-from zoprivacy.noise import NoiseSource
-from zoprivacy.secure_noise import (
+import zoprivacy.noise.source as zn
+from zoprivacy.data import poisson as data
+from zoprivacy.data.poisson import release_size
+from zoprivacy.noise import samplers as secure_noise
+from zoprivacy.noise.samplers import (
     GRID_BITS,
     bernoulli_exp,
     discrete_gaussian,
@@ -33,6 +33,7 @@ from zoprivacy.secure_noise import (
     secure_gaussian,
     snapped_noisy_sum,
 )
+from zoprivacy.noise.source import NoiseSource
 
 
 def _chisquare(samples: list[int], pmf: dict[int, float]) -> float:

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from zoprivacy.directions import RADEMACHER_CHUNK_WORDS, direction_tensor, fill_direction_
-from zoprivacy.optimizer import DPAggZO, MeZO
+from zoprivacy.optim.directions import RADEMACHER_CHUNK_WORDS, direction_tensor, fill_direction_
+from zoprivacy.optim.optimizer import DPAggZO, MeZO
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::zoprivacy.optimizer.NotPrivateWarning"),
-    pytest.mark.filterwarnings("ignore::zoprivacy.noise.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.optim.optimizer.NotPrivateWarning"),
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
 ]
 
 
@@ -277,10 +277,10 @@ def test_rademacher_update_uses_the_public_directions():
 
 # ---------------------------------------------------------------- forward differences
 def test_forward_differences_match_direct_reimplementation(monkeypatch):
-    import zoprivacy.noise
+    import zoprivacy.noise.source
 
     monkeypatch.setattr(
-        zoprivacy.noise.NoiseSource,
+        zoprivacy.noise.source.NoiseSource,
         "add_noise",
         lambda self, values, std, sensitivity=None: values.to(torch.float64),
     )
@@ -452,7 +452,7 @@ def test_threads_section_runs_on_the_packaged_minilm():
     import argparse
 
     from benchmarks import step_time_paths
-    from zoprivacy.directions import generation_threads
+    from zoprivacy.optim.directions import generation_threads
 
     args = argparse.Namespace(
         threads=2, threads_batches=[2], threads_ks=[1], repeats=1, forward_repeats=1

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoprivacy import packaged, tasks
-from zoprivacy.data import EMPTY_BATCH, PredictableSamplingWarning, poisson_loader
-from zoprivacy.tasks import PerSampleViolation, check_per_sample
+from zoprivacy import tasks
+from zoprivacy.data.poisson import EMPTY_BATCH, PredictableSamplingWarning, poisson_loader
+from zoprivacy.tasks import PerSampleViolation, check_per_sample, packaged
 
 torch.set_num_threads(1)
 
@@ -314,9 +314,9 @@ def test_end_to_end_with_the_optimizer_and_accountant(minilm):
     try:
         from zoprivacy import DPAggZO
     except ImportError:
-        from zoprivacy.optimizer import DPAggZO
+        from zoprivacy.optim.optimizer import DPAggZO
     from zoprivacy.accounting import RDPAccountant
-    from zoprivacy.data import expected_batch_size, release_size
+    from zoprivacy.data.poisson import expected_batch_size, release_size
 
     model, tok = minilm
     head = model.classifier

@@ -17,13 +17,13 @@ from zoprivacy.data import (
     poisson_loader,
     release_size,
 )
-from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
 from zoprivacy.noise import PredictableNoiseWarning
-from zoprivacy.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
-from zoprivacy.prefix import LabelWordHead, PrefixCache
-from zoprivacy.private import AbandonedStepWarning, PrivateTraining, make_private
-from zoprivacy.schedules import Stagewise, schedule_epsilon
-from zoprivacy.stats import StepStats
+from zoprivacy.optim.masks import FixedMask, MagnitudeMask, RandomMask
+from zoprivacy.optim.optimizer import DPZO, DPAggZO, MeZO, NotPrivateWarning
+from zoprivacy.optim.schedules import Stagewise, schedule_epsilon
+from zoprivacy.optim.stats import StepStats
+from zoprivacy.run import AbandonedStepWarning, PrivateTraining, make_private
+from zoprivacy.tasks.prefix import LabelWordHead, PrefixCache
 
 __version__ = "0.1.0"
 

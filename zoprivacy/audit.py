@@ -13,7 +13,7 @@ The game
   L(θ) = A·θ_0 with A = 10^6·c·K. Its finite differences are Δ_k = A·z_k[0], so
   ‖Δ_agg‖ ≈ 10^6·c·√K and clipping brings it to exactly c·u with u = w/‖w‖, w_k = z_k[0]: the
   largest contribution one record may make, along a direction the attacker computes from the
-  *public* seed (:func:`zoprivacy.directions.direction_tensor`).
+  *public* seed (:func:`zoprivacy.optim.directions.direction_tensor`).
 * Each trial builds a fresh optimizer (same public seed, noise from OS entropy, i.e. the private
   path) and runs ``steps`` steps on D0 or on D1, with Poisson batches drawn by the library's
   :class:`~zoprivacy.data.PoissonBatchSampler` (rate q; with q < 1 the canary is in a step's batch
@@ -38,7 +38,7 @@ Each attack is a real-valued statistic of what the attacker sees, thresholded:
   makes some outputs impossible under D1 but possible under D0 (Mironov 2012's idea applied to the
   Gaussian sum); exact grid releases are immune;
 * ``release:grid``: how many released coordinates lie exactly on the public noise grid
-  g = :func:`~zoprivacy.secure_noise.noise_grid` (σc) (grid noise added to a sum that was not
+  g = :func:`~zoprivacy.noise.samplers.noise_grid` (σc) (grid noise added to a sum that was not
   rounded to the grid reveals the sum modulo g).
 
 Both directions of every statistic are tried. Any statistic is sound: it only uses public
@@ -104,10 +104,10 @@ import torch
 from scipy import optimize, special, stats
 
 from zoprivacy.accounting import compute_epsilon
-from zoprivacy.data import PoissonBatchSampler
-from zoprivacy.directions import direction_tensor, draw_public_seed
-from zoprivacy.optimizer import DPAggZO
-from zoprivacy.secure_noise import noise_grid
+from zoprivacy.data.poisson import PoissonBatchSampler
+from zoprivacy.noise.samplers import noise_grid
+from zoprivacy.optim.directions import direction_tensor, draw_public_seed
+from zoprivacy.optim.optimizer import DPAggZO
 
 __all__ = [
     "AuditResult",
@@ -659,7 +659,7 @@ def run_audit(
     attacks: tuple[str, ...] | None = None,
     confidence: float = 0.95,
 ) -> AuditResult:
-    """Audit ``optimizer_cls`` (default: :class:`~zoprivacy.optimizer.DPAggZO`) with a canary.
+    """Audit ``optimizer_cls`` (default: :class:`~zoprivacy.DPAggZO`) with a canary.
 
     Runs ``trials`` independent trainings of ``steps`` steps on each of the neighbouring datasets
     D0 and D1 = D0 + canary (see the module docstring), with noise from OS entropy, and returns

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
 
-from zoprivacy.data import (
+from zoprivacy.data.poisson import (
     _FORBIDDEN_LOADER_KWARGS,
     GeneratorLike,
     PoissonBatchSampler,
@@ -68,7 +68,7 @@ from zoprivacy.data import (
     _EmptySafeDataset,
     release_size,
 )
-from zoprivacy.directions import draw_public_seed
+from zoprivacy.optim.directions import draw_public_seed
 
 __all__ = [
     "DataParallel",
@@ -440,13 +440,13 @@ def _describe(obj: Any) -> Any:
     """A rank-independent description of a mask or schedule for the configuration check.
 
     The library's masks and schedules are described by their whole configuration (a
-    :class:`~zoprivacy.masks.FixedMask` by a digest of its bits, computed once); any other
+    :class:`~zoprivacy.FixedMask` by a digest of its bits, computed once); any other
     callable by its qualified name only (its behaviour cannot be compared across processes).
     """
     if obj is None:
         return None
-    from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
-    from zoprivacy.schedules import Stagewise
+    from zoprivacy.optim.masks import FixedMask, MagnitudeMask, RandomMask
+    from zoprivacy.optim.schedules import Stagewise
 
     kind = type(obj)
     if kind is FixedMask:
@@ -600,7 +600,7 @@ class DistributedPoissonSampler(Sampler[list[int]]):
         generator: None (default): each process seeds its own generator from OS entropy, so the
             ranks' draws are independent and not derivable from any public seed. An int seed (or
             a generator) is for tests: each rank derives its own stream from it and the rank,
-            and a :class:`~zoprivacy.data.PredictableSamplingWarning` is raised.
+            and a :class:`~zoprivacy.data.poisson.PredictableSamplingWarning` is raised.
     """
 
     def __init__(

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from zoprivacy.accounting import _validate
+from zoprivacy import checks as check
 from zoprivacy.accounting.conversion import rdp_to_dp
 from zoprivacy.accounting.errors import PrivacyBudgetExceeded
 from zoprivacy.accounting.orders import DEFAULT_ORDERS
@@ -41,13 +41,13 @@ class RDPAccountant:
         orders: Sequence[float] | np.ndarray | None = None,
         budget: tuple[float, float] | None = None,
     ) -> None:
-        self.orders = DEFAULT_ORDERS.copy() if orders is None else _validate.orders(orders)
+        self.orders = DEFAULT_ORDERS.copy() if orders is None else check.orders(orders)
         if budget is not None:
             if not (isinstance(budget, tuple | list) and len(budget) == 2):
                 raise TypeError(f"budget must be a pair (epsilon, delta), got {budget!r}")
             budget = (
-                _validate.epsilon(budget[0], "budget epsilon"),
-                _validate.delta(budget[1], "budget delta"),
+                check.epsilon(budget[0], "budget epsilon"),
+                check.delta(budget[1], "budget delta"),
             )
         self.budget: tuple[float, float] | None = budget
         self._rdp = np.zeros_like(self.orders)
@@ -103,8 +103,8 @@ class RDPAccountant:
         """How many more steps with (σ, q) the budget allows (None: no budget)."""
         if self.budget is None:
             return None
-        sigma = _validate.noise_multiplier(noise_multiplier)
-        q = _validate.sample_rate(sample_rate)
+        sigma = check.noise_multiplier(noise_multiplier)
+        q = check.sample_rate(sample_rate)
         return self._steps_allowed(self._step_rdp(sigma, q))
 
     def _steps_allowed(self, per_step: np.ndarray) -> int:
@@ -136,9 +136,9 @@ class RDPAccountant:
         Raises:
             PrivacyBudgetExceeded: if the budget would be exceeded; nothing is recorded.
         """
-        sigma = _validate.noise_multiplier(noise_multiplier)
-        q = _validate.sample_rate(sample_rate)
-        t = _validate.steps(steps)
+        sigma = check.noise_multiplier(noise_multiplier)
+        q = check.sample_rate(sample_rate)
+        t = check.steps(steps)
         if t == 0:
             return
         per_step = self._step_rdp(sigma, q)
@@ -171,7 +171,7 @@ class RDPAccountant:
                 and reused; a second draw would leak more).
             PrivacyBudgetExceeded: if the budget would be exceeded; nothing is recorded.
         """
-        psi = _validate.laplace_scale(laplace_scale)
+        psi = check.laplace_scale(laplace_scale)
         if self.size_released:
             raise RuntimeError(
                 "the dataset size was already released; reuse that noisy size (saved with the "
@@ -185,7 +185,7 @@ class RDPAccountant:
     # ----------------------------------------------------------------------------- queries
     def get_privacy_spent(self, delta: float) -> tuple[float, float]:
         """(ε, best order) of everything released so far, for the given δ (Lemma 8)."""
-        d = _validate.delta(delta)
+        d = check.delta(delta)
         if not self._history:
             return 0.0, math.nan
         only_laplace = [e for e in self._history if e["mechanism"] == "laplace"]
@@ -210,7 +210,7 @@ class RDPAccountant:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the RDP curve is recomputed from the history."""
-        orders = _validate.orders(state["orders"])
+        orders = check.orders(state["orders"])
         budget = state.get("budget")
         fresh = RDPAccountant(orders=orders, budget=None if budget is None else tuple(budget))
         for entry in state["history"]:
@@ -218,8 +218,8 @@ class RDPAccountant:
                 fresh.release_size(entry["laplace_scale"])
             elif entry["mechanism"] == "subsampled_gaussian":
                 fresh._rdp = fresh._rdp + entry["steps"] * fresh._step_rdp(
-                    _validate.noise_multiplier(entry["noise_multiplier"]),
-                    _validate.sample_rate(entry["sample_rate"]),
+                    check.noise_multiplier(entry["noise_multiplier"]),
+                    check.sample_rate(entry["sample_rate"]),
                 )
                 fresh._history.append(dict(entry))
             else:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-from zoprivacy.accounting import _validate
+from zoprivacy import checks as check
 from zoprivacy.accounting.conversion import rdp_to_dp
 from zoprivacy.accounting.epsilon import Accountant, composed_rdp
 from zoprivacy.accounting.errors import OrderRangeWarning
@@ -226,12 +226,12 @@ def calibrate(
         accountant: ``"rdp"`` or ``"pld"`` (σ found on the PLD accountant's ε, needs
             ``dp-accounting``; slower).
     """
-    target = _validate.epsilon(epsilon)
-    d = _validate.delta(delta)
-    q = _validate.sample_rate(sample_rate)
-    t = _validate.steps(steps)
-    f = _validate.size_fraction(size_fraction)
-    alphas = DEFAULT_ORDERS if orders is None else np.unique(_validate.orders(orders))
+    target = check.epsilon(epsilon)
+    d = check.delta(delta)
+    q = check.sample_rate(sample_rate)
+    t = check.steps(steps)
+    f = check.size_fraction(size_fraction)
+    alphas = DEFAULT_ORDERS if orders is None else np.unique(check.orders(orders))
     if accountant not in ("rdp", "pld"):
         raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
     psi = None if f == 0.0 else 1.0 / (f * target)
@@ -317,7 +317,7 @@ def get_noise_multiplier(
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps or epochs")
     if steps is None:
-        steps = int(_validate._as_real("epochs", epochs) / _validate.sample_rate(sample_rate))
+        steps = int(check.as_real("epochs", epochs) / check.sample_rate(sample_rate))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OrderRangeWarning)
         plan = calibrate(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zoprivacy.accounting import _validate
+from zoprivacy import checks as check
 from zoprivacy.accounting.errors import OrderRangeWarning
 
 
@@ -40,8 +40,8 @@ def rdp_to_dp(
     Returns:
         ``(epsilon, best_order)``; ``(inf, nan)`` when every order gives +inf.
     """
-    alphas = _validate.orders(orders)
-    d = _validate.delta(delta)
+    alphas = check.orders(orders)
+    d = check.delta(delta)
     values = np.asarray(rdp, dtype=float)
     if values.shape != alphas.shape:
         raise ValueError(

@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from zoprivacy.accounting import _validate
+from zoprivacy import checks as check
 from zoprivacy.accounting.conversion import rdp_to_dp
 from zoprivacy.accounting.errors import OrderRangeWarning
 from zoprivacy.accounting.orders import DEFAULT_ORDERS
@@ -51,12 +51,12 @@ def epsilon_and_order(
     With ``steps = 0`` and a size release, the pure-DP value 1/ψ of the Laplace release is taken
     when it is smaller than the RDP route (the best order is then reported as ``inf``).
     """
-    sigma = _validate.noise_multiplier(noise_multiplier)
-    q = _validate.sample_rate(sample_rate)
-    t = _validate.steps(steps)
-    d = _validate.delta(delta)
-    psi = None if laplace_scale is None else _validate.laplace_scale(laplace_scale)
-    alphas = DEFAULT_ORDERS if orders is None else _validate.orders(orders)
+    sigma = check.noise_multiplier(noise_multiplier)
+    q = check.sample_rate(sample_rate)
+    t = check.steps(steps)
+    d = check.delta(delta)
+    psi = None if laplace_scale is None else check.laplace_scale(laplace_scale)
+    alphas = DEFAULT_ORDERS if orders is None else check.orders(orders)
     if t == 0 and psi is None:
         return 0.0, math.nan
     rdp = composed_rdp(
@@ -116,10 +116,10 @@ def compute_epsilon(
         if orders is not None:
             raise ValueError("orders only applies to accountant='rdp'; drop it for 'pld'")
         return pld_epsilon(
-            noise_multiplier=_validate.noise_multiplier(noise_multiplier),
-            sample_rate=_validate.sample_rate(sample_rate),
-            steps=_validate.steps(steps),
-            delta=_validate.delta(delta),
-            laplace_scale=None if laplace_scale is None else _validate.laplace_scale(laplace_scale),
+            noise_multiplier=check.noise_multiplier(noise_multiplier),
+            sample_rate=check.sample_rate(sample_rate),
+            steps=check.steps(steps),
+            delta=check.delta(delta),
+            laplace_scale=None if laplace_scale is None else check.laplace_scale(laplace_scale),
         )
     raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import gammaln, gammasgn, log_ndtr
 
-from zoprivacy.accounting import _validate
+from zoprivacy import checks as check
 
 #: Truncation target of the fractional-order series, relative to A_α (A_α >= 1).
 _FRAC_SERIES_RTOL = 1e-15
@@ -176,9 +176,9 @@ def rdp_subsampled_gaussian(
     Returns:
         Array of RDP values, one per order; +inf where a value cannot be computed reliably.
     """
-    q = _validate.sample_rate(sample_rate)
-    sigma = _validate.noise_multiplier(noise_multiplier)
-    alphas = _validate.orders(orders)
+    q = check.sample_rate(sample_rate)
+    sigma = check.noise_multiplier(noise_multiplier)
+    alphas = check.orders(orders)
     if sigma < _SIGMA_FLOOR:  # includes σ = 0; the true values exceed ~1e7 at every order
         return np.full(alphas.shape, math.inf)
     if q == 1.0:
@@ -218,8 +218,8 @@ def rdp_laplace(laplace_scale: float, orders: Sequence[float] | np.ndarray) -> n
     exactly, so tiny values (large ψ) keep full relative precision. Otherwise the log-space form is
     used, which is exact for large orders; ε(α) increases to the pure-DP value 1/ψ as α → ∞.
     """
-    psi = _validate.laplace_scale(laplace_scale)
-    alphas = _validate.orders(orders)
+    psi = check.laplace_scale(laplace_scale)
+    alphas = check.orders(orders)
     a = 1.0 / psi
     with np.errstate(over="ignore"):  # huge 1/ψ: the value saturates at 1/ψ below
         return _laplace_curve(a, alphas)

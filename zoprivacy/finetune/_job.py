@@ -648,7 +648,7 @@ def _load_snippet(cfg: FinetuneConfig, task_labels: int) -> str:
     return "\n".join(
         [
             "from safetensors.torch import load_file",
-            "from zoprivacy import packaged",
+            "from zoprivacy.tasks import packaged",
             "",
             load,
             f'missing, unexpected = model.load_state_dict(load_file("{out.WEIGHTS_FILE}"), '

@@ -13,11 +13,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from zoprivacy.directions import DIRECTION_KINDS
-from zoprivacy.masks import MagnitudeMask, RandomMask
-from zoprivacy.optimizer import DIFFERENCES
-from zoprivacy.perturb import PERTURBATION_PATHS as PERTURBATIONS
-from zoprivacy.schedules import Stagewise
+from zoprivacy.optim.directions import DIRECTION_KINDS
+from zoprivacy.optim.masks import MagnitudeMask, RandomMask
+from zoprivacy.optim.optimizer import DIFFERENCES
+from zoprivacy.optim.perturb import PERTURBATION_PATHS as PERTURBATIONS
+from zoprivacy.optim.schedules import Stagewise
 
 from ._setup import SetupError
 

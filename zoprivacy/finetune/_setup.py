@@ -1,6 +1,7 @@
 """Models, tasks and the trainable selection of the ``zoprivacy finetune`` job.
 
-The job trains one of the packaged models (:mod:`zoprivacy.packaged`) on one of the packaged data
+The job trains one of the packaged models (:mod:`zoprivacy.tasks.packaged`) on one of the
+packaged data
 sets. This module turns the command-line names into
 
 * a :class:`TaskData` (texts, labels, the public train/test split),
@@ -39,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoprivacy import packaged, tasks
-from zoprivacy.data import is_empty_batch
+from zoprivacy import tasks
+from zoprivacy.data.poisson import is_empty_batch
+from zoprivacy.tasks import packaged
 
 MODELS = ("minilm", "smollm2")
 TASKS = ("rotten_tomatoes", "bbc_news")

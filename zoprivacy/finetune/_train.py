@@ -16,7 +16,7 @@ touches its batch. ``dpaggzo``/``dpzo`` get all of this from :func:`zoprivacy.ma
 
 The zeroth-order trainers pass the step options (directions, difference, perturbation path,
 batched directions, DP-ZOPO mask, DP-ZOSO stages; :mod:`zoprivacy.finetune._options`) to the
-optimizer: K, c and φ stages become :class:`~zoprivacy.schedules.Stagewise` schedules of the
+optimizer: K, c and φ stages become :class:`~zoprivacy.Stagewise` schedules of the
 optimizer (saved in its checkpoint and verified on resume), the learning-rate stages set the
 param groups' lr before each step. σ is the calibrated constant of every step.
 """
@@ -34,10 +34,15 @@ import torch.nn.functional as F
 
 from zoprivacy import MeZO, make_private
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
-from zoprivacy.data import PredictableSamplingWarning, is_empty_batch, poisson_loader, release_size
-from zoprivacy.journal import Recovery, StepJournal, charge_unreplayable, journal_for_resume
-from zoprivacy.optimizer import NotPrivateWarning
-from zoprivacy.private import atomic_save
+from zoprivacy.data.poisson import (
+    PredictableSamplingWarning,
+    is_empty_batch,
+    poisson_loader,
+    release_size,
+)
+from zoprivacy.optim.optimizer import NotPrivateWarning
+from zoprivacy.run.journal import Recovery, StepJournal, charge_unreplayable, journal_for_resume
+from zoprivacy.run.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
 
 from ._options import build_mask, schedule
@@ -252,7 +257,7 @@ class FirstOrderTrainer:
     With a journal, each DP-AdamW step is recorded (``begin``) before it touches data. Its
     release, a noisy d-dimensional gradient, is too large to record, so on a resume every step
     begun after the checkpoint is charged as spent and run again
-    (:func:`zoprivacy.journal.charge_unreplayable`).
+    (:func:`zoprivacy.run.journal.charge_unreplayable`).
     """
 
     def __init__(
@@ -507,7 +512,8 @@ def make_trainer(
     """The trainer for ``settings.method`` (not ``zeroshot``).
 
     ``journal``: path of the write-ahead journal of a private zeroth-order run
-    (:mod:`zoprivacy.journal`; steps between checkpoints are replayed on resume, not re-released).
+    (:mod:`zoprivacy.run.journal`;
+    steps between checkpoints are replayed on resume, not re-released).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PredictableSamplingWarning)

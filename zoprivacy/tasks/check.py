@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zoprivacy.data import EMPTY_BATCH, is_empty_batch
+from zoprivacy.data.poisson import EMPTY_BATCH, is_empty_batch
 from zoprivacy.tasks.encoding import trim_padding
 
 __all__ = ["PerSampleViolation", "batch_size_of", "check_per_sample", "select_records"]

@@ -39,7 +39,7 @@ def _require_pad_token(tokenizer: Any) -> None:
     if tokenizer.pad_token is None:
         raise ValueError(
             "the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token "
-            "(zoprivacy.packaged.load_smollm2 does this)"
+            "(zoprivacy.tasks.packaged.load_smollm2 does this)"
         )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zoprivacy.data import is_empty_batch
+from zoprivacy.data.poisson import is_empty_batch
 
 __all__ = [
     "causal_lm_target_losses",

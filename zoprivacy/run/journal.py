@@ -60,7 +60,7 @@ __all__ = [
     "recover",
 ]
 
-_FORMAT = "zoprivacy.journal/1"
+_FORMAT = "zoprivacy.run.journal/1"
 
 
 class JournalError(RuntimeError):

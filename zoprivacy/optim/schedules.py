@@ -2,11 +2,11 @@
 
 DP-ZOSO runs DP zeroth-order fine-tuning in stages, each with its own perturbation scale φ,
 learning rate η, number of directions K, clip norm c and noise multiplier σ. In
-:class:`~zoprivacy.optimizer.DPAggZO`, ``num_directions``, ``clip_norm``, ``noise_multiplier``
+:class:`~zoprivacy.DPAggZO`, ``num_directions``, ``clip_norm``, ``noise_multiplier``
 and ``perturbation_scale`` accept any callable ``f(step) -> value``; :class:`Stagewise` is the
 piecewise-constant one::
 
-    from zoprivacy.schedules import Stagewise
+    from zoprivacy.optim.schedules import Stagewise
     opt = DPAggZO(params, lr, num_directions=Stagewise([200], [4, 16]),
                   perturbation_scale=Stagewise([200, 600], [1e-2, 3e-3, 1e-3]),
                   clip_norm=1.0, noise_multiplier=Stagewise([200], [1.2, 0.9]), ...)
@@ -109,7 +109,7 @@ def schedule_from_state_dict(state: dict[str, Any]) -> Stagewise:
     if kind == Stagewise._TYPE:
         return Stagewise.from_state_dict(state)
     raise ValueError(
-        f"unknown schedule state {state!r}: only zoprivacy.schedules.Stagewise is serialisable; "
+        f"unknown schedule state {state!r}: only zoprivacy.Stagewise is serialisable; "
         "pass the same callable when resuming"
     )
 

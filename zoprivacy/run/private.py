@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoprivacy import checks as check
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
-from zoprivacy.accounting import _validate as check
-from zoprivacy.data import poisson_loader, release_size
+from zoprivacy.data.poisson import poisson_loader, release_size
 from zoprivacy.distributed import distributed_poisson_loader, is_root, release_size_distributed
-from zoprivacy.journal import (
+from zoprivacy.optim.optimizer import DPAggZO
+from zoprivacy.run.journal import (
     JournalError,
     Recovery,
     StepJournal,
@@ -35,7 +36,6 @@ from zoprivacy.journal import (
     plan_recovery,
     recover,
 )
-from zoprivacy.optimizer import DPAggZO
 
 _FORMAT = "zoprivacy.PrivateTraining/1"
 
@@ -54,9 +54,9 @@ class PrivateTraining:
         expected_batch_size: b = q·ñ, the public normaliser of the update.
         params: the trainable parameters, in the optimizer's order (for checkpoints).
         process_group: the data-parallel group, or None (one process).
-        journal: the write-ahead :class:`~zoprivacy.journal.StepJournal`, or None.
+        journal: the write-ahead :class:`~zoprivacy.run.journal.StepJournal`, or None.
         recovery: on a resume with a journal, what was replayed and what was charged as
-            abandoned (:class:`~zoprivacy.journal.Recovery`); None otherwise.
+            abandoned (:class:`~zoprivacy.run.journal.Recovery`); None otherwise.
     """
 
     optimizer: DPAggZO
@@ -201,7 +201,7 @@ def make_private(
         steps: number of steps T.
         num_directions, clip_norm, lr, perturbation_scale, weight_decay, seed, noise_seed: passed
             to :class:`DPAggZO`; ``num_directions``, ``clip_norm`` and ``perturbation_scale`` may
-            be schedules (DP-ZOSO, e.g. :class:`~zoprivacy.schedules.Stagewise`). σ is the
+            be schedules (DP-ZOSO, e.g. :class:`~zoprivacy.Stagewise`). σ is the
             calibrated constant (the calibration assumes one σ for every step).
         perturbation, directions, difference, mask, batched_directions: the speed and DP-ZOPO
             options of :class:`DPAggZO`, passed to it. On resume the checkpoint's values win (as
@@ -214,13 +214,13 @@ def make_private(
         checkpoint: a path or state from :meth:`PrivateTraining.save` to resume from: nothing is
             re-released, the accountant and optimizer continue, and the loader yields the steps
             left.
-        journal: path of a write-ahead journal (:mod:`zoprivacy.journal`; recommended for any run
-            that checkpoints less often than every step). Every step is recorded on disk before
+        journal: path of a write-ahead journal (:mod:`~zoprivacy.run.journal`; recommended for any
+            run that checkpoints less often than every step). Every step is recorded on disk before
             it touches data, and its release S_t before its update, so a resume (from
-            ``checkpoint``, or from scratch with the same initial model if the run died before
-            its first checkpoint) replays the steps that ran after the checkpoint instead of
-            releasing them again, reuses the recorded ñ, and charges a step that died mid-way
-            as spent. A resumed run that had a journal must be given it again.
+            ``checkpoint``, or from scratch with the same initial model if the run died before its
+            first checkpoint) replays the steps that ran after the checkpoint instead of releasing
+            them again, reuses the recorded ñ, and charges a step that died mid-way as spent. A
+            resumed run that had a journal must be given it again.
         process_group: None (one process) or a ``torch.distributed`` process group, to run data
             parallel (e.g. under ``torchrun``): every rank passes the same model weights and the
             *whole* dataset; group rank 0 alone releases ñ and broadcasts it (every rank's
@@ -271,7 +271,7 @@ def make_private(
             "pass exactly one of expected_batch_size (b; then q = b/ñ) or sample_rate (q)"
         )
     if expected_batch_size is not None:
-        b_wanted = check._as_real("expected_batch_size", expected_batch_size)
+        b_wanted = check.as_real("expected_batch_size", expected_batch_size)
         if not (b_wanted > 0 and math.isfinite(b_wanted)):
             raise ValueError(f"expected_batch_size must be a finite number > 0, got {b_wanted}")
     else:

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zoprivacy.directions import bit_table
+from zoprivacy.optim.directions import bit_table
 
 __all__ = [
     "FixedMask",
@@ -66,7 +66,8 @@ MaskFn = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 _CHUNK = 1 << 18  # coordinates per chunk when masks are built or packed
 # RandomMask's SeedSequence spawn keys carry this tag as a third word: the direction seeds use
-# two-word keys (step, k) (zoprivacy.directions), so a RandomMask given the optimizer's own seed
+# two-word keys (step, k) (zoprivacy.optim.directions),
+# so a RandomMask given the optimizer's own seed
 # still draws from streams independent of the directions.
 _RANDOM_MASK_TAG = 0x6D61736B  # "mask"
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}

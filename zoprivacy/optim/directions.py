@@ -6,7 +6,7 @@ and its slice of z_k is regenerated on demand, in place, into a caller-provided 
 a :class:`torch.Generator` on the tensor's device. The seeds are public: they may be logged, and
 anyone holding ``seed`` can replay every direction of a run. Because every tensor has its own
 seed, one tensor's slice can be regenerated alone, in any order and as often as needed (the
-zero-drift perturbation of :mod:`zoprivacy.perturb` regenerates a tensor's slice each time the
+zero-drift perturbation of :mod:`zoprivacy.optim.perturb` regenerates a tensor's slice each time the
 closure reads that tensor).
 
 Two distributions (``kind``), both with E[z] = 0 and E[z zᵀ] = I:
@@ -35,7 +35,8 @@ CPU and CUDA generators are different algorithms: a run replayed on another devi
 different directions.
 
 Masks (DP-ZOPO): a :class:`DirectionStream` may carry one boolean mask per tensor (packed to one
-bit per coordinate, see :mod:`zoprivacy.masks`); the direction of that tensor is then m ⊙ z, so
+bit per coordinate, see :mod:`zoprivacy.optim.masks`);
+the direction of that tensor is then m ⊙ z, so
 the perturbation and the update touch only the masked coordinates.
 """
 
@@ -398,7 +399,7 @@ class DirectionStream:
         seed, step: the public direction seed and the step index.
         kind: ``"gaussian"`` or ``"rademacher"``.
         masks: None, or one entry per tensor: None (no mask) or a packed bit mask
-            (:func:`zoprivacy.masks.pack_mask`) of that tensor's coordinates.
+            (:func:`zoprivacy.optim.masks.pack_mask`) of that tensor's coordinates.
 
     The per-tensor seeds of each k are derived once per step and cached (K·n integers).
     ``generations`` counts the tensor slices generated (for benchmarks and tests).

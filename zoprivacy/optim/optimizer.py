@@ -4,8 +4,8 @@
 size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the caller, who passes b as
 ``expected_batch_size`` and samples the batch inside the closure's data. :class:`DPZO` (K = 1) and
 :class:`MeZO` (no clipping, no noise) are the same class with fixed arguments. The DP-ZOSO
-(stage-wise schedules, :mod:`zoprivacy.schedules`) and DP-ZOPO (pruned coordinate subsets,
-:mod:`zoprivacy.masks`) variants are options of the same class.
+(stage-wise schedules, :mod:`zoprivacy.optim.schedules`) and DP-ZOPO (pruned coordinate subsets,
+:mod:`zoprivacy.optim.masks`) variants are options of the same class.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from zoprivacy.directions import (
+from zoprivacy.distributed import DataParallel
+from zoprivacy.noise.source import NoiseSource
+from zoprivacy.optim.directions import (
     DIRECTION_STREAM,
     DirectionStream,
     check_kind,
     draw_public_seed,
     stream_affects,
 )
-from zoprivacy.distributed import DataParallel
-from zoprivacy.masks import pack_mask
-from zoprivacy.noise import NoiseSource
-from zoprivacy.perturb import Prober, ScratchPool, check_perturbation, warn_unseen
-from zoprivacy.stats import StepStats
+from zoprivacy.optim.masks import pack_mask
+from zoprivacy.optim.perturb import Prober, ScratchPool, check_perturbation, warn_unseen
+from zoprivacy.optim.stats import StepStats
 
 __all__ = ["DIFFERENCES", "DPZO", "DPAggZO", "MeZO", "NotPrivateWarning"]
 
@@ -97,12 +97,12 @@ class DPAggZO(torch.optim.Optimizer):
     θ−φz_k (consecutive directions see fresh randomness). Calling ``model.eval()`` is still
     recommended: the estimate is then exactly a finite difference.
 
-    Privacy of the returned :class:`~zoprivacy.stats.StepStats`: only ``noisy_sum`` is released
+    Privacy of the returned :class:`~zoprivacy.StepStats`: only ``noisy_sum`` is released
     under DP. ``batch_size``, ``loss``, ``clip_fraction``, ``batch_clip_error`` and
     ``max_clip_error`` are computed from the private batch without noise and must not be
     published.
 
-    Perturbation (``perturbation``, :mod:`zoprivacy.perturb`):
+    Perturbation (``perturbation``, :mod:`zoprivacy.optim.perturb`):
 
     * ``"auto"`` (default): zero drift. θ is never written during the probe; every torch call of
       the closure that reads a trainable tensor (module forwards, tied weights read by several
@@ -125,7 +125,7 @@ class DPAggZO(torch.optim.Optimizer):
     Directions (``directions``): ``"gaussian"`` (default, as in the paper) or ``"rademacher"``
     (uniform ±1 from random bits, no float normal drawn: ~8x cheaper to generate). Both have
     E[z zᵀ] = I, so the estimator is the same in expectation. Per-tensor seeds derived from
-    (``seed``, step, k, tensor index) (:mod:`zoprivacy.directions`), generated in the
+    (``seed``, step, k, tensor index) (:mod:`zoprivacy.optim.directions`), generated in the
     parameter's dtype with a :class:`torch.Generator` on its device.
 
     Differences (``difference``):
@@ -139,35 +139,35 @@ class DPAggZO(torch.optim.Optimizer):
       mechanism with noise multiplier σ. Only the estimator changes (bias O(φ) instead of O(φ²)).
       ``StepStats.loss`` is then the mean of L(θ).
 
-    Schedules (DP-ZOSO, :mod:`zoprivacy.schedules`): ``num_directions``, ``clip_norm``,
+    Schedules (DP-ZOSO, :mod:`zoprivacy.optim.schedules`): ``num_directions``, ``clip_norm``,
     ``noise_multiplier`` and ``perturbation_scale`` each accept a callable ``f(step) -> value``
-    (e.g. :class:`~zoprivacy.schedules.Stagewise`), evaluated at the start of every step and
+    (e.g. :class:`~zoprivacy.Stagewise`), evaluated at the start of every step and
     validated; the properties of the same names return the value for the next step. Learning
     rates are scheduled with any torch LR scheduler (``torch.optim.lr_scheduler``) on this
     optimizer. The accountant is charged with the current σ at every step, so schedules that
     change σ are accounted as heterogeneous steps. ``clip_norm=None`` (MeZO) cannot be
     scheduled.
 
-    Masks (DP-ZOPO, :mod:`zoprivacy.masks`): ``mask(step, index, param) -> bool tensor | None``,
-    called for every trainable tensor at the start of every step; the direction of that tensor
-    is then m ⊙ z, so the probe and the update change only the masked coordinates.
+    Masks (DP-ZOPO, :mod:`~zoprivacy.optim.masks`): ``mask(step, index, param) -> bool tensor |
+    None``, called for every trainable tensor at the start of every step; the direction of that
+    tensor is then m ⊙ z, so the probe and the update change only the masked coordinates.
 
     Batched directions (``batched_directions=m``): the closure is evaluated at the 2m points of m
     directions at once with :func:`torch.func.vmap` over stacked perturbed copies of the
     trainable tensors (each z generated once per step for the probe). This trades memory for
     speed: the stacks hold 2m copies of the trainable tensors, so use it only for small
     trainable subsets (a head, LoRA adapters, a last layer behind
-    :class:`~zoprivacy.prefix.PrefixCache`). Peak memory grows with m, not with K. The closure
+    :class:`~zoprivacy.PrefixCache`). Peak memory grows with m, not with K. The closure
     must be vmap-compatible (no ``.item()`` on values that depend on the parameters, no
     in-place writes to captured tensors); random layers see the same randomness at all 2m
     points (``randomness="same"``).
 
     Memory (default path): no copy of θ or of a whole z_k is ever made; peak extra memory is one
-    scratch buffer per device with the byte size of the largest trainable tensor plus K·|B|
-    float64 loss differences (``tests/test_optimizer_memory.py``); see :mod:`zoprivacy.perturb`
-    for the rare cases (a call reading two trainable tensors at once, a view of a perturbed
-    tensor kept by the closure) that add a temporary. Rademacher directions add ~0.6 MiB of
-    fixed chunk buffers; masks add 1 bit per trainable coordinate.
+    scratch buffer per device with the byte size of the largest trainable tensor plus K·|B| float64
+    loss differences (``tests/test_optimizer_memory.py``); see :mod:`~zoprivacy.optim.perturb` for
+    the rare cases (a call reading two trainable tensors at once, a view of a perturbed tensor kept
+    by the closure) that add a temporary. Rademacher directions add ~0.6 MiB of fixed chunk buffers;
+    masks add 1 bit per trainable coordinate.
 
     Noise: from :class:`~zoprivacy.noise.NoiseSource`, never derived from ``seed``: OS entropy per
     step when ``noise_seed`` is None, a seeded reproducible generator (with a warning that the run
@@ -210,7 +210,7 @@ class DPAggZO(torch.optim.Optimizer):
         perturbation: ``"auto"`` (default), ``"hooks"`` or ``"inplace"`` (see above).
         directions: ``"gaussian"`` (default) or ``"rademacher"``.
         difference: ``"central"`` (default) or ``"forward"``.
-        mask: None or a mask callable (DP-ZOPO, :mod:`zoprivacy.masks`).
+        mask: None or a mask callable (DP-ZOPO, :mod:`zoprivacy.optim.masks`).
         batched_directions: None (default) or m ≥ 1 directions evaluated per vmapped call.
     """
 
@@ -572,7 +572,7 @@ class DPAggZO(torch.optim.Optimizer):
         return self._accountant
 
     def attach_journal(self, journal: Any | None) -> None:
-        """Write every step to ``journal`` (a :class:`zoprivacy.journal.StepJournal`): a
+        """Write every step to ``journal`` (a :class:`zoprivacy.run.journal.StepJournal`): a
         ``begin`` record before the step touches data and a ``release`` record with S_t before
         its update. :func:`zoprivacy.make_private` attaches one when given ``journal=``."""
         if journal is not None:
@@ -599,7 +599,7 @@ class DPAggZO(torch.optim.Optimizer):
     ) -> None:
         """Apply the next step's update (line 16) from its already released S_t.
 
-        Post-processing of a release made before a crash (see :mod:`zoprivacy.journal`): no
+        Post-processing of a release made before a crash (see :mod:`zoprivacy.run.journal`): no
         closure runs, no noise is drawn, the accountant is not charged here (the journal's
         ``begin`` record is). ``lrs``/``weight_decays`` are the recorded per-tensor values and
         ``noise_state`` the seeded noise state after the step (None: OS-entropy noise).
@@ -862,9 +862,9 @@ class DPAggZO(torch.optim.Optimizer):
         With ``noise_seed=None`` no noise state is saved: a resumed run draws fresh OS entropy.
         The accountant is not saved (checkpoint it separately). Scheduled hyper-parameters are
         saved with their value at the current step and listed under ``"scheduled"``; the
-        library's own schedules (:class:`~zoprivacy.schedules.Stagewise`) are saved whole under
-        ``"schedules"``, and the library's masks (:class:`~zoprivacy.masks.MagnitudeMask`,
-        :class:`~zoprivacy.masks.RandomMask`, :class:`~zoprivacy.masks.FixedMask`) under
+        library's own schedules (:class:`~zoprivacy.Stagewise`) are saved whole under
+        ``"schedules"``, and the library's masks (:class:`~zoprivacy.MagnitudeMask`,
+        :class:`~zoprivacy.RandomMask`, :class:`~zoprivacy.FixedMask`) under
         ``"mask"``. Any other callable (schedule or mask) is not saved: pass the same callable
         when resuming.
         """
@@ -1066,8 +1066,8 @@ class MeZO(DPAggZO):
 # ---------------------------------------------------------------------- helpers
 def _serialisable(obj: object) -> bool:
     """A library schedule or mask, which saves itself whole in ``DPAggZO.state_dict()``."""
-    from zoprivacy.masks import FixedMask, MagnitudeMask, RandomMask
-    from zoprivacy.schedules import Stagewise
+    from zoprivacy.optim.masks import FixedMask, MagnitudeMask, RandomMask
+    from zoprivacy.optim.schedules import Stagewise
 
     return type(obj) in (Stagewise, MagnitudeMask, RandomMask, FixedMask)
 
@@ -1076,7 +1076,7 @@ def _resume_schedule(
     name: str, mine: Any, was_scheduled: bool, saved: dict[str, Any] | None, zo: dict, step: int
 ) -> Any:
     """The spec of hyper-parameter ``name`` after loading a checkpoint (see load_state_dict)."""
-    from zoprivacy.schedules import schedule_from_state_dict
+    from zoprivacy.optim.schedules import schedule_from_state_dict
 
     if not was_scheduled:
         if callable(mine):
@@ -1114,7 +1114,7 @@ def _resume_schedule(
 
 def _resume_mask(mine: Any, masked: bool, saved: dict[str, Any] | None) -> Any:
     """The mask after loading a checkpoint (see load_state_dict)."""
-    from zoprivacy.masks import mask_from_state_dict
+    from zoprivacy.optim.masks import mask_from_state_dict
 
     if not masked:
         if mine is not None:

@@ -12,7 +12,7 @@ __all__ = ["StepStats"]
 
 @dataclass(frozen=True, eq=False)
 class StepStats:
-    """Result of one :meth:`zoprivacy.optimizer.DPAggZO.step`.
+    """Result of one :meth:`zoprivacy.DPAggZO.step`.
 
     Privacy: only ``noisy_sum`` (the release S of Algorithm 1, line 15) is privacy-protected.
     ``batch_size``, ``loss``, ``clip_fraction``, ``batch_clip_error`` and ``max_clip_error`` are
@@ -38,7 +38,7 @@ class StepStats:
             0.0 for an empty batch, for records with Δ_agg(x) = 0, or without clipping. PRIVATE.
         step: index of this step (0 for the first step of a run).
         seed: public seed of the directions; with ``step`` it regenerates every z_k
-            (:func:`zoprivacy.directions.iter_direction`).
+            (:func:`zoprivacy.optim.directions.iter_direction`).
         num_directions: K.
         normalizer: the divisor of the update, b in DP mode (public), |B| in MeZO mode.
         noise_std: σ·c, the per-coordinate standard deviation of v (0.0 without noise).
@@ -47,7 +47,7 @@ class StepStats:
         perturbation_path: how θ ± φz_k was evaluated: ``"hooks"`` (zero drift, θ never
             written), ``"inplace"`` (θ written and restored by arithmetic), ``"mixed"`` (in place
             only for the tensors the substitution could not see) or ``"batched"`` (vmapped
-            stacked copies); see :mod:`zoprivacy.perturb`.
+            stacked copies); see :mod:`zoprivacy.optim.perturb`.
         directions: ``"gaussian"`` or ``"rademacher"``.
         difference: ``"central"`` (2K evaluations) or ``"forward"`` (K + 1 evaluations).
         perturbation_scale, clip_norm, noise_multiplier: φ, c and σ of this step (after

@@ -32,7 +32,6 @@ The closures built by :mod:`zoprivacy.tasks` already do this.
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 import secrets
@@ -43,6 +42,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from zoprivacy import checks as check
 
 __all__ = [
     "EMPTY_BATCH",
@@ -68,40 +69,6 @@ class PredictableSamplingWarning(UserWarning):
 
 class _SizeAccountant(Protocol):
     def release_size(self, laplace_scale: float) -> Any: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# argument validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_count(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    value = operator.index(value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _check_rate(sample_rate: Any) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
-        raise TypeError(f"sample_rate must be a real number, got {type(sample_rate).__name__}")
-    q = float(sample_rate)
-    if not (0.0 < q <= 1.0):  # also rejects NaN
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    return q
-
-
-def _check_positive_finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0.0):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    return v
 
 
 def _numpy_generator(generator: GeneratorLike, what: str) -> np.random.Generator:
@@ -172,13 +139,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator: GeneratorLike = None,
         position: int = 0,
     ) -> None:
-        self.num_records: int = _check_count(num_records, "num_records")  # type: ignore[assignment]
-        self.sample_rate: float = _check_rate(sample_rate)
-        steps = _check_count(steps, "steps", allow_none=True)
+        self.num_records: int = check.integer("num_records", num_records)
+        self.sample_rate: float = check.sample_rate(sample_rate)
+        steps = None if steps is None else check.integer("steps", steps)
         if steps is None:
             steps = max(1, round(1.0 / self.sample_rate))
         self.steps: int = steps
-        self.position: int = _check_count(position, "position")  # type: ignore[assignment]
+        self.position: int = check.integer("position", position)
         self._key, self.seeded = _sampling_key(generator, "batch selection")
 
     def _batch_rng(self, index: int) -> np.random.Generator:
@@ -230,7 +197,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         mode = state.get("mode")
         if mode not in ("seeded", "os_entropy"):
             raise ValueError(f"sampler state has unknown mode {mode!r}; expected a state_dict()")
-        pos = _check_count(state.get("position", 0) if position is None else position, "position")
+        pos = check.integer("position", state.get("position", 0) if position is None else position)
         if mode == "seeded":
             key = state.get("key")
             if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
@@ -419,12 +386,12 @@ def poisson_loader(
 def _os_entropy_laplace(scale: float) -> float:
     """round(Laplace(0, scale)) from OS entropy, sampled exactly with integer arithmetic.
 
-    :func:`zoprivacy.secure_noise.rounded_laplace`: n + round(L) = round(n + L) is
+    :func:`zoprivacy.noise.samplers.rounded_laplace`: n + round(L) = round(n + L) is
     post-processing of the Laplace mechanism (same 1/ψ pure DP, same RDP curve), and an integer
     has no low-order bits that could reveal n (unlike a float ``n + scale·(e1 − e2)``, open to
     Mironov's 2012 attack).
     """
-    from zoprivacy.secure_noise import rounded_laplace
+    from zoprivacy.noise.samplers import rounded_laplace
 
     return float(rounded_laplace(scale))
 
@@ -459,8 +426,8 @@ def release_size(
     Returns:
         ``ñ`` as a float ``>= 1``.
     """
-    n = _check_count(num_records, "num_records")
-    psi = _check_positive_finite(laplace_scale, "laplace_scale")
+    n = check.integer("num_records", num_records)
+    psi = check.laplace_scale(laplace_scale)
     if accountant is not None:
         accountant.release_size(psi)
     if generator is None:
@@ -477,6 +444,6 @@ def expected_batch_size(sample_rate: float, noisy_size: float) -> float:
         sample_rate: ``q`` in ``(0, 1]``.
         noisy_size: ``ñ`` from :func:`release_size` (positive and finite).
     """
-    q = _check_rate(sample_rate)
-    size = _check_positive_finite(noisy_size, "noisy_size")
+    q = check.sample_rate(sample_rate)
+    size = check.real("noisy_size", noisy_size, positive=True)
     return q * size

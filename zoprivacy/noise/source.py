@@ -3,7 +3,7 @@
 The noise generator is separate from the direction seeds and can never be derived from them:
 
 * ``noise_seed=None`` (the default, for real privacy): the noise is drawn from OS entropy with
-  the exact, integer-arithmetic samplers of :mod:`zoprivacy.secure_noise` (the discrete Gaussian
+  the exact, integer-arithmetic samplers of :mod:`zoprivacy.noise.samplers` (the discrete Gaussian
   of Canonne, Kamath and Steinke 2020 on a grid of step g = 2^(⌊log2 σc⌋ − 30)). No seed or
   generator state exists to store or leak. Two entry points:
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from zoprivacy import secure_noise
+from zoprivacy.noise import samplers as secure_noise
 
 __all__ = ["NoiseSource", "PredictableNoiseWarning", "sample_noise"]
 
@@ -43,7 +43,7 @@ class PredictableNoiseWarning(UserWarning):
 def sample_noise(k: int, std: float, generator: torch.Generator | None) -> torch.Tensor:
     """Return ``k`` independent samples of noise with standard deviation ``std`` (float64, CPU).
 
-    ``generator=None`` (private): :func:`zoprivacy.secure_noise.secure_gaussian`, a discrete
+    ``generator=None`` (private): :func:`zoprivacy.noise.samplers.secure_gaussian`, a discrete
     Gaussian on the grid g = 2^(⌊log2 std⌋ − 30) plus a uniform 64-bit dither in the cell, drawn
     from OS entropy with integer arithmetic only. A :class:`torch.Generator` (reproducible, not
     private): float64 standard normals from it, scaled by ``std``.
@@ -85,7 +85,7 @@ class NoiseSource:
     ) -> torch.Tensor:
         """Release ``values`` (the clipped K-sum) plus noise of std ``std`` (float64, CPU).
 
-        OS entropy: :func:`zoprivacy.secure_noise.snapped_noisy_sum`: ``values`` rounded to the
+        OS entropy: :func:`zoprivacy.noise.samplers.snapped_noisy_sum`: ``values`` rounded to the
         grid g plus integer discrete-Gaussian noise, returned exactly as (n + Y)·g; with
         ``sensitivity=c`` the noise covers the rounding (noise multiplier ≥ std/c exactly).
         Seeded: ``values + sample(K, std)`` (reproducible, not private).

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from zoprivacy.directions import DirectionStream
+from zoprivacy.optim.directions import DirectionStream
 
 __all__ = [
     "PERTURBATION_PATHS",
@@ -271,7 +271,7 @@ class Prober:
 
     Args:
         params: the trainable tensors.
-        stream: the step's :class:`~zoprivacy.directions.DirectionStream`.
+        stream: the step's :class:`~zoprivacy.optim.directions.DirectionStream`.
         phi: the perturbation scale φ.
         inplace: which tensors use the in-place path (the others are substituted).
         pool: the step's :class:`ScratchPool`.
