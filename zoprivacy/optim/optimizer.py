@@ -496,9 +496,10 @@ class DPAggZO(torch.optim.Optimizer):
         pool = ScratchPool(params)
         try:
             deltas, loss_sum, path = self._probe(closure, params, stream, pool, cfg)
-        except BaseException:
+        except BaseException as exc:
             if self._dp is not None:
                 self._dp.abort(self, step)  # the peers raise now, not after the timeout
+            _explain_bad_output(exc, step, charged=self._accountant is not None)
             raise
         k = cfg.num_directions
         batch = deltas.shape[0]
@@ -969,6 +970,113 @@ class DPAggZO(torch.optim.Optimizer):
         self._inplace, self._layout, self._checked_unseen = None, (), False
         self._last_path = None
 
+    @classmethod
+    def from_state_dict(
+        cls,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        state_dict: dict[str, Any],
+        *,
+        accountant: Any | None = None,
+        process_group: Any | None = None,
+        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        **schedules: Callable[[int], Any],
+    ) -> DPAggZO:
+        """Rebuild an optimizer from its own :meth:`state_dict`, ready to take the next step.
+
+        Everything that defines the trajectory comes from the checkpoint: η and weight decay (per
+        param group), K, c, σ, φ, b, q, the public seed, step count, noise state, direction
+        distribution, difference, perturbation path and batching. ``schedules`` (callables of the
+        step for ``num_directions``, ``clip_norm``, ``noise_multiplier`` or
+        ``perturbation_scale``) and ``mask`` are checked against the saved ones exactly as
+        :meth:`load_state_dict` does; the library's own schedules and masks are restored from
+        the checkpoint when not given. The parameters' values are not in the optimizer's state:
+        load them before calling this (a data-parallel build checks them across ranks).
+
+        Args:
+            params: the same trainable tensors (or param groups) as the saved optimizer's.
+            state_dict: a :meth:`state_dict` of :class:`DPAggZO` (or a preset).
+            accountant: charged from the next step on (restore its own state separately).
+            process_group: as in :class:`DPAggZO`.
+            mask: the DP-ZOPO mask callable of the saved run, or None.
+            **schedules: the saved run's schedules that are not the library's own.
+        """
+        zo = state_dict.get(_STATE_KEY) if isinstance(state_dict, dict) else None
+        if not isinstance(zo, dict):
+            raise ValueError(f"state_dict has no {_STATE_KEY!r} entry: not from DPAggZO")
+        unknown = sorted(set(schedules) - set(_SCHEDULABLE))
+        if unknown:
+            raise TypeError(
+                f"from_state_dict got unknown keyword(s) {unknown}: schedules may be given for "
+                f"{', '.join(_SCHEDULABLE)} only"
+            )
+        groups = state_dict.get("param_groups") or [{}]
+        hyper = {name: schedules.get(name, zo[name]) for name in _SCHEDULABLE}
+        optimizer = cls.__new__(cls)
+        DPAggZO.__init__(
+            optimizer,
+            params,
+            groups[0].get("lr", 0.0),
+            weight_decay=groups[0].get("weight_decay", 0.0),
+            **hyper,
+            expected_batch_size=zo["expected_batch_size"],
+            seed=zo["seed"],
+            accountant=accountant,
+            sample_rate=zo["sample_rate"],
+            process_group=process_group,
+            perturbation=zo.get("perturbation", "auto"),
+            directions=zo.get("directions", "gaussian"),
+            difference=zo.get("difference", "central"),
+            mask=mask,
+            batched_directions=zo.get("batched_directions"),
+        )
+        optimizer.load_state_dict(state_dict)
+        return optimizer
+
+    @torch.no_grad()
+    def check_closure(self, losses: Callable[[Any], torch.Tensor], batch: Any) -> None:
+        """A free dry run of ``losses`` on a batch the caller declares public or synthetic.
+
+        Checks, with the perturbation machinery of a real step, that ``losses(batch)`` is a 1-D
+        floating tensor of shape [|B|], finite at θ and at θ ± φz_0 of the next step, and that
+        each record's loss depends on that record alone
+        (:func:`zoprivacy.tasks.check.check_per_sample`, which also asks for the empty batch).
+        Nothing is charged, journaled or released, no noise is drawn, the step counter does not
+        advance and the parameters are left bit-identical (tensors perturbed in place are
+        restored from a copy). Never call it on private data: it reads the records it is given.
+
+        Raises:
+            TypeError, ValueError: naming the problem and the fix (the same messages a step
+                would raise); :class:`~zoprivacy.tasks.check.PerSampleViolation` when a record's
+                loss depends on the other records.
+        """
+        from zoprivacy.tasks.check import batch_size_of, check_per_sample
+
+        if not callable(losses):
+            raise TypeError(f"losses must be callable (batch -> Tensor[|B|]), got {losses!r}")
+        size = batch_size_of(batch)
+        step = self._step_count
+        cfg = self._config(step)
+        params = [p for p, _ in self._trainable()]
+        stream = self._stream(step, params)
+        pool = ScratchPool(params)
+        flags = self._inplace_flags(params)
+        saved = [p.detach().clone() if f else None for p, f in zip(params, flags, strict=True)]
+        prober = Prober(params, stream, cfg.perturbation_scale, flags, pool)
+        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        rng = _capture_rng(cuda_devices)
+        try:
+            for sign in (0, +1, -1):
+                _restore_rng(rng, cuda_devices)
+                where = _where(0, sign)
+                prober.evaluate(lambda w=where: _evaluate(lambda: losses(batch), w, size), 0, sign)
+        finally:
+            prober.restore()
+            for p, copy in zip(params, saved, strict=True):
+                if copy is not None:
+                    p.copy_(copy)
+            pool.release_all()
+        check_per_sample(losses, batch)
+
     def _warn_if_not_private(self) -> None:
         if self._spec["clip_norm"] is None:
             msg = "clip_norm=None and noise_multiplier=0: this is non-private MeZO"
@@ -1210,11 +1318,36 @@ def _where(k: int, sign: int) -> str:
 def _difference(delta: torch.Tensor, k: int) -> torch.Tensor:
     bad = ~torch.isfinite(delta)
     if bool(bad.any()):
-        raise ValueError(
+        raise _bad(
+            ValueError,
             f"the loss difference overflows float64 for records {_indices(bad)} at "
-            f"direction k={k}; the losses are too large: rescale the loss"
+            f"direction k={k}; the losses are too large: rescale the loss",
         )
     return delta
+
+
+def _bad(kind: type[Exception], message: str) -> Exception:
+    exc = kind(message)
+    exc.bad_closure_output = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _explain_bad_output(exc: BaseException, step: int, *, charged: bool) -> None:
+    """Append to a bad-output error what it cost and how to find such bugs for free (defect 5)."""
+    if not getattr(exc, "bad_closure_output", False) or not exc.args:
+        return
+    cost = (
+        f"DPAggZO step {step} was already charged to the accountant: the closure had read the "
+        "data before its output could be checked, so this step's privacy budget is spent. "
+        if charged
+        else ""
+    )
+    exc.args = (
+        f"{exc.args[0]}. {cost}Find such closure bugs for free, on a batch you declare public "
+        "or synthetic, with DPAggZO.check_closure(losses, batch) (or "
+        "PrivateTraining.dry_run(batch)) before training",
+        *exc.args[1:],
+    )
 
 
 def _evaluate(closure: Closure, where: str, batch: int | None) -> torch.Tensor:
@@ -1224,28 +1357,34 @@ def _evaluate(closure: Closure, where: str, batch: int | None) -> torch.Tensor:
 
 def _check_losses(out: object, where: str, batch: int | None) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(
+        raise _bad(
+            TypeError,
             f"closure must return a torch.Tensor of per-record losses, got "
-            f"{type(out).__name__} at {where}"
+            f"{type(out).__name__} at {where}",
         )
     if out.dim() != 1:
-        raise ValueError(
+        raise _bad(
+            ValueError,
             f"closure must return a 1-D tensor of shape [|B|] (one loss per record, e.g. "
-            f"reduction='none'), got shape {tuple(out.shape)} at {where}"
+            f"reduction='none'), got shape {tuple(out.shape)} at {where}",
         )
     if not out.is_floating_point():
-        raise TypeError(f"closure must return floating-point losses, got {out.dtype} at {where}")
+        raise _bad(
+            TypeError, f"closure must return floating-point losses, got {out.dtype} at {where}"
+        )
     if batch is not None and out.numel() != batch:
-        raise ValueError(
+        raise _bad(
+            ValueError,
             f"closure returned {out.numel()} losses at {where} but {batch} at the first "
-            "evaluation of the step: every evaluation of one step must see the same batch"
+            "evaluation of the step: every evaluation of one step must see the same batch",
         )
     losses = out.detach().to(device="cpu", dtype=torch.float64)
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
-        raise ValueError(
+        raise _bad(
+            ValueError,
             f"closure returned NaN/inf losses for records {_indices(bad)} at {where}; fix the "
-            "loss (e.g. log(0), float16 overflow) or lower perturbation_scale"
+            "loss (e.g. log(0), float16 overflow) or lower perturbation_scale",
         )
     return losses
 
@@ -1254,9 +1393,10 @@ def _check_batched(out: object, points: list[tuple[int, int]], batch: int | None
     """Check the vmapped output [len(points), |B|] row by row; returns float64 CPU rows."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(points):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise _bad(
+            ValueError,
             f"batched_directions: the vmapped closure returned {shape}, expected "
-            f"[{len(points)}, |B|] (one 1-D tensor of per-record losses per point)"
+            f"[{len(points)}, |B|] (one 1-D tensor of per-record losses per point)",
         )
     rows = [_check_losses(out[j], _where(k, s), batch) for j, (k, s) in enumerate(points)]
     return torch.stack(rows)
