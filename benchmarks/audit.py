@@ -12,7 +12,7 @@ Three parts, one JSON (``benchmarks/results/audit.json``) and one figure (``audi
    Gaussian).
 2. **Subsampled** (q < 1, one step, δ = 1e-5 and δ = 1e-2): q ∈ {0.5, 0.1}, K ∈ {1, 8, 64},
    same attacks. ``epsilon_tight`` is now the exact one-step subsampled Gaussian
-   (:func:`zoprivacy.audit.subsampled_gaussian_epsilon`), and ``epsilon_lower_family`` the ε of
+   (:func:`zoprivacy.accounting.subsampled_gaussian_epsilon`), and ``epsilon_lower_family`` the ε of
    the 95% upper bound ``noise_multiplier_upper`` (σ̂) on the noise multiplier of the rate-q
    family (the analogue of ``epsilon_lower_gdp``). σ = 1 for q = 0.5 and σ = 0.5 for q = 0.1
    (at q = 0.1 and σ = 1 the canary is too faint for a few thousand trials to say much).

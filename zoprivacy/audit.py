@@ -88,6 +88,12 @@ q < 1 and T > 1 there is no closed form: ``epsilon_tight`` comes from dp-account
 accountant (:func:`subsampled_gaussian_epsilon_pld`, an upper estimate within its
 discretisation; None when dp-accounting is not installed) and the family bound is not
 computed.
+
+The maths behind these references lives in :mod:`zoprivacy.accounting`:
+:mod:`~zoprivacy.accounting.hypothesis_test` (Clopper-Pearson, rates → ε),
+:mod:`~zoprivacy.accounting.profile` (exact profiles), :mod:`~zoprivacy.accounting.tradeoff`
+(trade-off curve, family bound) and :mod:`~zoprivacy.accounting.pld`; this module keeps the game
+and re-exports the public functions it has always offered.
 """
 
 from __future__ import annotations
@@ -101,9 +107,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import optimize, special, stats
 
+from zoprivacy import checks as check
 from zoprivacy.accounting import compute_epsilon
+from zoprivacy.accounting.hypothesis_test import clopper_pearson, epsilon_from_rates
+from zoprivacy.accounting.pld import subsampled_gaussian_epsilon_pld
+from zoprivacy.accounting.profile import (
+    gaussian_delta,
+    gaussian_epsilon,
+    subsampled_gaussian_delta,
+    subsampled_gaussian_epsilon,
+)
+from zoprivacy.accounting.tradeoff import mu_from_rates, subsampled_gaussian_tradeoff
 from zoprivacy.data.poisson import PoissonBatchSampler
 from zoprivacy.noise.samplers import noise_grid
 from zoprivacy.optim.directions import direction_tensor, draw_public_seed
@@ -235,229 +250,6 @@ class AuditResult:
         )
 
 
-# ---------------------------------------------------------------------------- statistics helpers
-def clopper_pearson(
-    successes: np.ndarray | int, trials: int, confidence: float = 0.95
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided Clopper-Pearson interval(s) for a binomial proportion (vectorised)."""
-    k = np.asarray(successes, dtype=float)
-    n = float(trials)
-    alpha = 1.0 - confidence
-    with np.errstate(all="ignore"):
-        lower = np.where(k > 0, stats.beta.ppf(alpha / 2, k, n - k + 1), 0.0)
-        upper = np.where(k < n, stats.beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
-    return np.nan_to_num(lower, nan=0.0), np.nan_to_num(upper, nan=1.0)
-
-
-def epsilon_from_rates(
-    fpr: np.ndarray | float, fnr: np.ndarray | float, delta: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The two (ε, δ) lower bounds of one test: log((1−δ−FNR)/FPR) and log((1−δ−FPR)/FNR)."""
-    fpr = np.asarray(fpr, dtype=float)
-    fnr = np.asarray(fnr, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        first = np.log(np.maximum(1.0 - delta - fnr, 0.0)) - np.log(fpr)
-        second = np.log(np.maximum(1.0 - delta - fpr, 0.0)) - np.log(fnr)
-    return np.nan_to_num(first, nan=-np.inf), np.nan_to_num(second, nan=-np.inf)
-
-
-def gaussian_delta(mu: float, epsilon: float) -> float:
-    """Exact δ(ε) of the Gaussian mechanism with sensitivity/σ = μ (Balle and Wang 2018)."""
-    if mu <= 0:
-        return 0.0
-    a = -epsilon / mu + mu / 2
-    b = -epsilon / mu - mu / 2
-    return float(special.ndtr(a) - math.exp(epsilon + special.log_ndtr(b)))
-
-
-def gaussian_epsilon(mu: float, delta: float) -> float:
-    """Smallest ε ≥ 0 with :func:`gaussian_delta` (μ, ε) ≤ δ: the tight ε of μ-GDP at δ."""
-    if not (mu > 0) or not math.isfinite(mu):
-        return 0.0 if not (mu > 0) else math.inf
-    if gaussian_delta(mu, 0.0) <= delta:
-        return 0.0
-    hi = 1.0
-    while gaussian_delta(mu, hi) > delta:
-        hi *= 2
-        if hi > 1e6:
-            return math.inf
-    return float(optimize.brentq(lambda e: gaussian_delta(mu, e) - delta, 0.0, hi, xtol=1e-12))
-
-
-def _check_profile_args(q: float, sigma: float) -> tuple[float, float]:
-    q, sigma = float(q), float(sigma)
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"sample_rate q must be in (0, 1], got {q!r}")
-    if not sigma >= 0.0:  # also refuses NaN
-        raise ValueError(f"noise_multiplier sigma must be >= 0 (inf allowed), got {sigma!r}")
-    return q, sigma
-
-
-def _log_diff(log_a: float, log_b: float) -> float:
-    """e^{log_a} − e^{log_b}, clamped at 0, without cancelling to 0 when both are tiny."""
-    if not log_a > log_b:
-        return 0.0
-    return float(math.exp(log_a) * -math.expm1(log_b - log_a))
-
-
-def subsampled_gaussian_delta(q: float, sigma: float, epsilon: float) -> float:
-    """Exact δ(ε) of ONE Poisson-subsampled Gaussian step (sensitivity 1, noise σ, rate q) under
-    add/remove adjacency: the larger of the two hockey-stick divergences of
-    P = (1−q)·N(0, σ²) + q·N(1, σ²) (the record is present) and Q = N(0, σ²) (it is absent).
-
-    One projection is enough: along the record's contribution the two outputs differ only in the
-    mixture weight; orthogonal coordinates have the same law under both (Balle, Barthe and
-    Gaboardi 2018 reduce the subsampled Gaussian to this pair; Zhu, Dong and Wang 2022, the
-    "dominating pair" of the Poisson-subsampled Gaussian). With the densities p and r of P and Q
-    the likelihood ratio p/r(x) = 1 − q + q·exp((x − ½)/σ²) is increasing in x, so each
-    δ(ε) = ∫ max(0, p − e^ε r) dx (Balle and Wang 2018, Theorem 5) is the integral over one
-    half-line and has a closed form in Φ:
-
-    * P‖Q: p > e^ε r ⇔ x > x* = σ²·log((e^ε − 1 + q)/q) + ½, so
-      δ_{P‖Q}(ε) = P(X > x*) − e^ε·Q(X > x*)
-                 = q·Φ((1 − x*)/σ) − (e^ε − 1 + q)·Φ(−x*/σ);
-    * Q‖P: r > e^ε p ⇔ p/r < e^{−ε}, which has solutions only when e^{−ε} > 1 − q (the ratio is
-      never below 1 − q): x < x' = σ²·log((e^{−ε} − 1 + q)/q) + ½, and
-      δ_{Q‖P}(ε) = Q(X < x') − e^ε·P(X < x')
-                 = (1 − e^ε(1 − q))·Φ(x'/σ) − e^ε·q·Φ((x' − 1)/σ); otherwise δ_{Q‖P}(ε) = 0.
-
-    At q = 1 both reduce to the Gaussian profile Φ(μ/2 − ε/μ) − e^ε·Φ(−μ/2 − ε/μ) with μ = 1/σ
-    (:func:`gaussian_delta`). Both terms of each difference are computed in log space
-    (:func:`scipy.special.log_ndtr`) so that small δ keeps its relative accuracy. Limits:
-    σ = inf gives 0; σ = 0 (no noise) gives max(q, 1 − e^ε(1 − q)).
-
-    Args:
-        q: sampling rate in (0, 1].
-        sigma: noise multiplier σ ≥ 0 (noise std over sensitivity).
-        epsilon: ε ≥ 0.
-    """
-    return max(_subsampled_gaussian_deltas(q, sigma, epsilon))
-
-
-def _subsampled_gaussian_deltas(q: float, sigma: float, epsilon: float) -> tuple[float, float]:
-    """(δ_{P‖Q}(ε), δ_{Q‖P}(ε)) of :func:`subsampled_gaussian_delta`."""
-    q, sigma = _check_profile_args(q, sigma)
-    epsilon = float(epsilon)
-    if not epsilon >= 0.0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-    if math.isinf(epsilon) or math.isinf(sigma):
-        return 0.0, 0.0
-    if sigma == 0.0:  # P puts mass q on 1, where Q has none; Q puts 1 on 0, where P has 1 − q
-        if q == 1.0:
-            return 1.0, 1.0
-        log_ratio = epsilon + math.log1p(-q)  # log(e^ε(1 − q)); δ_{Q‖P} = max(0, 1 − e^ε(1 − q))
-        return q, (-math.expm1(log_ratio) if log_ratio < 0.0 else 0.0)
-    s2 = sigma * sigma
-    # P‖Q; log(e^ε − 1 + q) = ε + log(1 − e^{−ε} + q·e^{−ε}), a sum of two positive terms
-    log_shift = epsilon + math.log(-math.expm1(-epsilon) + q * math.exp(-epsilon))
-    x_star = s2 * (log_shift - math.log(q)) + 0.5
-    forward = _log_diff(
-        math.log(q) + float(special.log_ndtr((1.0 - x_star) / sigma)),
-        log_shift + float(special.log_ndtr(-x_star / sigma)),
-    )
-    # Q‖P; 1 − e^ε(1 − q) = e^ε·(e^{−ε} − 1 + q)
-    # e^{−ε} − (1 − q), from the form without cancellation: for e^{−ε} < ½ a positive gap needs
-    # q > ½, where 1 − q is exact; otherwise expm1(−ε) keeps its relative accuracy
-    gap = math.exp(-epsilon) - (1.0 - q) if epsilon > math.log(2.0) else q + math.expm1(-epsilon)
-    backward = 0.0
-    if gap > 0.0:
-        x_prime = s2 * (math.log(gap) - math.log(q)) + 0.5
-        backward = _log_diff(
-            epsilon + math.log(gap) + float(special.log_ndtr(x_prime / sigma)),
-            epsilon + math.log(q) + float(special.log_ndtr((x_prime - 1.0) / sigma)),
-        )
-    return forward, backward
-
-
-def subsampled_gaussian_epsilon(q: float, sigma: float, delta: float) -> float:
-    """Tight ε of ONE Poisson-subsampled Gaussian step at δ: the smallest ε ≥ 0 with
-    :func:`subsampled_gaussian_delta` (q, σ, ε) ≤ δ (δ(ε) is continuous and decreasing, so
-    :func:`scipy.optimize.brentq` finds it; +inf when no finite ε reaches δ, e.g. σ = 0, δ < q).
-    At q = 1 this is :func:`gaussian_epsilon` with μ = 1/σ."""
-    q, sigma = _check_profile_args(q, sigma)
-    delta = float(delta)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if subsampled_gaussian_delta(q, sigma, 0.0) <= delta:
-        return 0.0
-    hi = 1.0
-    while subsampled_gaussian_delta(q, sigma, hi) > delta:
-        hi *= 2
-        if hi > 1e6:
-            return math.inf
-    return float(
-        optimize.brentq(
-            lambda e: subsampled_gaussian_delta(q, sigma, e) - delta, 0.0, hi, xtol=1e-12
-        )
-    )
-
-
-def subsampled_gaussian_tradeoff(q: float, sigma: float, fpr: float) -> float:
-    """The trade-off curve of one subsampled-Gaussian step for the test "is the record present?"
-    (Dong, Roth, Su 2019, Definition 2.1, with null Q = N(0, σ²), alternative P as in
-    :func:`subsampled_gaussian_delta`): the smallest false-negative rate of any test whose
-    false-positive rate is ``fpr``. By Neyman-Pearson the best test thresholds x (the likelihood
-    ratio is increasing): with a = Φ⁻¹(1 − α),
-    β(α) = P(X ≤ σa) = (1 − q)(1 − α) + q·Φ(a − 1/σ)
-    (at q = 1 the Gaussian curve Φ(Φ⁻¹(1 − α) − μ))."""
-    q, sigma = _check_profile_args(q, sigma)
-    alpha = float(fpr)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"fpr must be in [0, 1], got {alpha!r}")
-    if sigma == 0.0:  # no noise: "x > ½" has FPR 0 and FNR 1 − q
-        return (1.0 - q) * (1.0 - alpha)
-    a = -float(special.ndtri(alpha))
-    return (1.0 - q) * (1.0 - alpha) + q * float(special.ndtr(a - 1.0 / sigma))
-
-
-def subsampled_gaussian_epsilon_pld(
-    q: float,
-    sigma: float,
-    steps: int,
-    delta: float,
-    *,
-    value_discretization_interval: float = 1e-4,
-) -> float | None:
-    """ε at δ of ``steps`` composed Poisson-subsampled Gaussian steps by dp-accounting's PLD
-    accountant (Koskela, Jälkö, Honkela 2020; Doroshenko et al. 2022, "Connect the dots"),
-    add/remove adjacency, both orderings. PLD discretises the privacy loss *pessimistically*
-    on a grid of width h = ``value_discretization_interval``: the result is an upper bound on
-    the tight ε and, for one step, exceeds it by at most h (each privacy-loss value is rounded
-    up by less than h, so δ_PLD(ε) ≤ δ(ε − h)). Returns None when dp-accounting is not
-    installed (it is an optional reference)."""
-    q, sigma = _check_profile_args(q, sigma)
-    if not 0.0 < sigma < math.inf:
-        raise ValueError(f"noise_multiplier sigma must be positive and finite, got {sigma!r}")
-    steps = _int("steps", steps, 1)
-    delta = float(delta)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    try:
-        from dp_accounting import dp_event
-        from dp_accounting.pld import PLDAccountant
-    except ImportError:
-        return None
-    accountant = PLDAccountant(value_discretization_interval=value_discretization_interval)
-    event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
-    accountant.compose(event, steps)
-    return float(accountant.get_epsilon(delta))
-
-
-def _mu_from_rates(fpr: np.ndarray, fnr: np.ndarray, q: float = 1.0) -> np.ndarray:
-    """The largest 1/σ' for which (FPR, FNR) lies on or above the trade-off curve of the
-    subsampled Gaussian with rate q (:func:`subsampled_gaussian_tradeoff`): solving
-    β = (1 − q)(1 − α) + q·Φ(Φ⁻¹(1 − α) − 1/σ') gives
-    1/σ' = Φ⁻¹(1 − α) − Φ⁻¹((β − (1 − q)(1 − α))/q). At q = 1 this is the GDP
-    μ = Φ⁻¹(1 − FPR) − Φ⁻¹(FNR) (Dong, Roth, Su 2019, Corollary 2.13). +inf when no rate-q
-    subsampled Gaussian allows the point (β < (1 − q)(1 − α)); −inf or below when any does."""
-    fpr = np.asarray(fpr, float)
-    fnr = np.asarray(fnr, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        target = fnr if q >= 1.0 else np.clip((fnr - (1.0 - q) * (1.0 - fpr)) / q, 0.0, 1.0)
-        value = -special.ndtri(fpr) - special.ndtri(target)
-    return np.nan_to_num(value, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
-
-
 # ---------------------------------------------------------------------------- selection/evaluation
 @dataclasses.dataclass(frozen=True)
 class _Test:
@@ -504,7 +296,7 @@ def _select(
             if gdp:
                 _, fp_up = clopper_pearson(fp_up * s0.size, s0.size, confidence)
                 _, fn_up = clopper_pearson(fn_up * s1.size, s1.size, confidence)
-                values = [_mu_from_rates(fp_up, fn_up, q)]
+                values = [mu_from_rates(fp_up, fn_up, q)]
             else:
                 values = list(epsilon_from_rates(fp_up, fn_up, delta))
             for form, value in enumerate(values):
@@ -525,7 +317,7 @@ def _evaluate(
     fp_lo, fp_up = clopper_pearson(fp, s0.size, conf)
     fn_lo, fn_up = clopper_pearson(fn, s1.size, conf)
     if test.form == 2:
-        value = float(_mu_from_rates(fp_up, fn_up, test.q)[0])
+        value = float(mu_from_rates(fp_up, fn_up, test.q)[0])
     else:
         value = float(epsilon_from_rates(fp_up, fn_up, delta)[test.form][0])
     return {
@@ -683,22 +475,18 @@ def run_audit(
         attacks: names of the statistics to use (default: all, see the module docstring).
         confidence: confidence of the intervals and of the bound (default 0.95).
     """
-    k = _int("num_directions", num_directions, 1)
-    t_steps = _int("steps", steps, 1)
-    n_trials = _int("trials", trials, 20)
-    background = _int("background_records", background_records, 0)
-    sigma = _real("noise_multiplier", noise_multiplier)
-    c = _real("clip_norm", clip_norm)
-    q = _real("sample_rate", sample_rate)
-    if q > 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {q}")
-    delta = _real("delta", delta)
-    if delta >= 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    k = check.integer("num_directions", num_directions, minimum=1)
+    t_steps = check.integer("steps", steps, minimum=1)
+    n_trials = check.integer("trials", trials, minimum=20)
+    background = check.integer("background_records", background_records, minimum=0)
+    sigma = check.real("noise_multiplier", noise_multiplier, positive=True)
+    c = check.real("clip_norm", clip_norm, positive=True)
+    q = check.sample_rate(sample_rate)
+    delta = check.delta(delta)
     confidence = _confidence(confidence)
 
     start = time.perf_counter()
-    public_seed = draw_public_seed() if seed is None else _int("seed", seed, 0)
+    public_seed = draw_public_seed() if seed is None else check.integer("seed", seed, minimum=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotPrivateWarning (dry run), seeded sampling
         game = _Game(
@@ -773,9 +561,7 @@ class _TrialData:
 
 
 def _analyse(data: _TrialData, delta: float) -> AuditResult:
-    delta = _real("delta", delta)
-    if delta >= 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    delta = check.delta(delta)
     conf = data.confidence
     half = data.trials // 2
     sel0 = {a: s[:half] for a, s in data.stats0.items()}
@@ -867,24 +653,7 @@ class _EmptySampler:
 
 
 def _confidence(confidence: object) -> float:
-    value = _real("confidence", confidence)
+    value = check.real("confidence", confidence, positive=True)
     if not 0.5 < value < 1.0:
         raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
     return value
-
-
-def _int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    return v

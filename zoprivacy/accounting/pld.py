@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from zoprivacy import checks as check
+
 
 def _require_dp_accounting():
     try:
@@ -48,3 +50,35 @@ def pld_epsilon(
     if laplace_scale is None and steps == 0:
         return 0.0
     return max(0.0, float(accountant.get_epsilon(delta)))
+
+
+def subsampled_gaussian_epsilon_pld(
+    q: float,
+    sigma: float,
+    steps: int,
+    delta: float,
+    *,
+    value_discretization_interval: float = 1e-4,
+) -> float | None:
+    """ε at δ of ``steps`` composed Poisson-subsampled Gaussian steps by dp-accounting's PLD
+    accountant (Koskela, Jälkö and Honkela 2020; Doroshenko et al. 2022, "Connect the dots"),
+    add/remove adjacency, both orderings. PLD discretises the privacy loss *pessimistically*
+    on a grid of width h = ``value_discretization_interval``: the result is an upper bound on
+    the tight ε and, for one step, exceeds it by at most h (each privacy-loss value is rounded
+    up by less than h, so δ_PLD(ε) ≤ δ(ε − h)). Returns None when dp-accounting is not
+    installed (it is an optional reference)."""
+    rate = check.sample_rate(q, "q (sample_rate)")
+    noise = check.noise_multiplier(sigma, "sigma (noise_multiplier)")
+    if noise == 0.0:
+        raise ValueError("sigma (noise_multiplier) must be > 0 for the PLD reference, got 0.0")
+    try:
+        _require_dp_accounting()
+    except ImportError:
+        return None
+    return pld_epsilon(
+        noise_multiplier=noise,
+        sample_rate=rate,
+        steps=check.integer("steps", steps, minimum=1),
+        delta=check.delta(delta),
+        value_discretization_interval=value_discretization_interval,
+    )
