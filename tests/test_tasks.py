@@ -186,6 +186,51 @@ def test_prompt_losses_do_not_depend_on_the_padding_side(smollm, tokenizer_side)
     torch.testing.assert_close(losses_fn(left), losses_fn(right), atol=1e-4, rtol=1e-4)
 
 
+def test_public_label_word_helpers_match_the_full_lm_head(smollm):
+    """answer_hidden_states + lm_head_logits are the full model's logits at the answer position."""
+    model, tok = smollm
+    batch, ids = tasks.encode_prompts(tok, TEXTS, LABELS)
+    decoder, head = tasks.decoder_and_head(model)
+    assert decoder is model.model and head is model.lm_head
+    mask = batch["attention_mask"]
+    with torch.inference_mode():
+        full = model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits
+        answer = tasks.answer_hidden_states(model, batch)
+        picked = tasks.lm_head_logits(model, answer, torch.tensor(ids))
+    pos = tasks.answer_positions(mask)
+    torch.testing.assert_close(picked, full[torch.arange(4), pos][:, ids], atol=1e-4, rtol=1e-4)
+    assert tasks.class_labels(batch, 2, torch.device("cpu")).tolist() == LABELS
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        tasks.class_labels(batch, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="shape \\[B\\]"):
+        tasks.class_labels({"labels": torch.zeros(2, 2)}, 2, torch.device("cpu"))
+
+
+def test_per_record_losses_frame(minilm):
+    """The frame: empty batch -> no call; training mode refused; an ordinary tensor back."""
+    model, _ = minilm
+    calls = []
+
+    def compute(device, dtype):
+        calls.append((device, dtype))
+        return torch.arange(3.0, dtype=torch.float64)
+
+    assert tasks.per_record_losses(model, EMPTY_BATCH, compute).numel() == 0 and not calls
+    out = tasks.per_record_losses(model, {"labels": torch.zeros(3)}, compute)
+    assert calls == [(torch.device("cpu"), torch.float32)]
+    assert out.dtype == torch.float32 and not out.is_inference() and out.tolist() == [0, 1, 2]
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            tasks.per_record_losses(model, {"labels": torch.zeros(3)}, compute)
+    finally:
+        model.eval()
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_causal_lm_target_losses_are_per_sample(smollm, tokenizer_side, side):
     model, _ = smollm

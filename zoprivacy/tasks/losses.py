@@ -25,7 +25,7 @@ Common rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from zoprivacy.data.poisson import is_empty_batch
 
 __all__ = [
+    "answer_hidden_states",
+    "answer_positions",
     "causal_lm_target_losses",
+    "class_labels",
+    "decoder_and_head",
+    "lm_head_logits",
+    "per_record_losses",
     "prompt_classification_losses",
     "sequence_classification_losses",
 ]
@@ -46,18 +52,6 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     for p in model.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _loss_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
-def _require_eval(model: torch.nn.Module, allow_training: bool) -> None:
-    if model.training and not allow_training:
-        raise ValueError(
-            "the model is in training mode: call model.eval() first (dropout makes each loss "
-            "random), or pass allow_training=True to use dropout deliberately"
-        )
 
 
 def _batch_records(batch: Any) -> int:
@@ -96,7 +90,64 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def per_record_losses(
+    model: torch.nn.Module,
+    batch: Any,
+    compute: Callable[[torch.device, torch.dtype], torch.Tensor],
+    *,
+    allow_training: bool = False,
+) -> torch.Tensor:
+    """The frame every loss function of this module runs in (its "common rules").
+
+    ``compute(device, dtype)`` gets the model's device and the loss dtype (float64 for a float64
+    model, else float32) and returns the ``[B]`` losses. Around it: an empty batch gives
+    ``torch.zeros(0)`` without calling ``compute``; a model in training mode raises
+    ``ValueError`` unless ``allow_training``; ``compute`` runs under ``torch.inference_mode()``,
+    and its result comes back as an ordinary (non-inference) tensor of the loss dtype.
+
+    Args:
+        model: the model ``compute`` runs (its first parameter gives device and dtype).
+        batch: the dict-of-tensors batch (only its record count is read here).
+        compute: the loss computation proper.
+        allow_training: accept a model in training mode (dropout on).
+    """
+    device, param_dtype = _model_device_dtype(model)
+    dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    if _batch_records(batch) == 0:
+        return torch.zeros(0, dtype=dtype, device=device)
+    if model.training and not allow_training:
+        raise ValueError(
+            "the model is in training mode: call model.eval() first (dropout makes each loss "
+            "random), or pass allow_training=True to use dropout deliberately"
+        )
+    with torch.inference_mode():
+        losses = compute(device, dtype)
+    # clone() outside inference mode gives an ordinary tensor the optimizer can use freely.
+    return losses.to(dtype).clone()
+
+
+def class_labels(batch: Mapping[str, Any], num_classes: int, device: torch.device) -> torch.Tensor:
+    """The batch's ``labels`` as class indices ``[B]`` (long, on ``device``), checked.
+
+    Raises:
+        ValueError: ``labels`` is not one-dimensional or holds a value outside
+            ``[0, num_classes)``.
+    """
+    labels = _get(batch, "labels", device).long()
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be class indices of shape [B], got {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got {labels.tolist()}")
+    return labels
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A causal LM's decoder (``get_decoder()`` or ``.model``) and LM head
+    (``get_output_embeddings()`` or ``.lm_head``).
+
+    Raises:
+        TypeError: the model exposes neither pair (not a causal LM).
+    """
     decoder = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -133,10 +184,30 @@ def _hidden_states(decoder: torch.nn.Module, batch: Mapping[str, Any], device: t
     return hidden, attention_mask
 
 
-def _head_logits(
-    model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor, rows: Any = None
-) -> torch.Tensor:
-    """``head(hidden)`` restricted to vocabulary ``rows`` (all rows when ``None``)."""
+def answer_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """A causal LM's last hidden state (after the final norm) at each record's answer position.
+
+    Runs the decoder only (no LM head) on ``input_ids`` / ``attention_mask``, with position ids
+    counted over real tokens, and gathers row ``i`` at :func:`answer_positions` ``[i]``.
+    Runs in the caller's grad mode (wrap it in ``torch.inference_mode()`` for a loss).
+
+    Returns:
+        ``Tensor[B, H]`` on the model's device.
+    """
+    device, _ = _model_device_dtype(model)
+    decoder, _ = decoder_and_head(model)
+    hidden, mask = _hidden_states(decoder, batch, device)
+    return hidden[torch.arange(hidden.shape[0], device=device), answer_positions(mask)]
+
+
+def lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor, rows: Any = None) -> torch.Tensor:
+    """The LM head applied to ``hidden``, restricted to vocabulary ``rows`` (all when ``None``).
+
+    Computes ``hidden @ lm_head.weight[rows].T (+ bias[rows])``, i.e. ``[..., len(rows)]``
+    logits instead of ``[..., vocab]``, and applies the config's ``final_logit_softcapping``
+    when it has one.
+    """
+    _, head = decoder_and_head(model)
     weight = head.weight if rows is None else head.weight[rows]
     bias = getattr(head, "bias", None)
     if bias is not None and rows is not None:
@@ -146,11 +217,6 @@ def _head_logits(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def _finish(losses: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # clone() outside inference mode gives an ordinary tensor the optimizer can use freely.
-    return losses.to(dtype).clone()
 
 
 def sequence_classification_losses(
@@ -167,16 +233,13 @@ def sequence_classification_losses(
     Returns:
         ``Tensor[B]``: ``-log softmax(logits_i)[label_i]`` for each record.
     """
-    device, param_dtype = _model_device_dtype(model)
-    dtype = _loss_dtype(param_dtype)
-    if _batch_records(batch) == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model, allow_training)
-    labels = _get(batch, "labels", device).long()
-    with torch.inference_mode():
+
+    def compute(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        labels = _get(batch, "labels", device).long()
         logits = model(**_model_inputs(batch, device)).logits
-        losses = F.cross_entropy(logits.to(dtype), labels, reduction="none")
-    return _finish(losses, dtype)
+        return F.cross_entropy(logits.to(dtype), labels, reduction="none")
+
+    return per_record_losses(model, batch, compute, allow_training=allow_training)
 
 
 def answer_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -220,25 +283,15 @@ def prompt_classification_losses(
     Returns:
         ``Tensor[B]`` of per-record losses.
     """
-    device, param_dtype = _model_device_dtype(model)
-    dtype = _loss_dtype(param_dtype)
-    if _batch_records(batch) == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model, allow_training)
-    rows = torch.as_tensor(label_token_ids, dtype=torch.long, device=device).flatten()
-    labels = _get(batch, "labels", device).long()
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be class indices of shape [B], got {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= rows.numel()):
-        raise ValueError(f"labels must be in [0, {rows.numel()}), got {labels.tolist()}")
-    decoder, head = _decoder_and_head(model)
-    with torch.inference_mode():
-        hidden, mask = _hidden_states(decoder, batch, device)
-        pos = answer_positions(mask)
-        answer = hidden[torch.arange(hidden.shape[0], device=device), pos]
-        logits = _head_logits(model, head, answer, rows)
-        losses = F.cross_entropy(logits.to(dtype), labels, reduction="none")
-    return _finish(losses, dtype)
+    rows = torch.as_tensor(label_token_ids, dtype=torch.long).flatten()
+
+    def compute(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        labels = class_labels(batch, rows.numel(), device)
+        answer = answer_hidden_states(model, batch)
+        logits = lm_head_logits(model, answer, rows.to(device))
+        return F.cross_entropy(logits.to(dtype), labels, reduction="none")
+
+    return per_record_losses(model, batch, compute, allow_training=allow_training)
 
 
 def causal_lm_target_losses(
@@ -263,31 +316,27 @@ def causal_lm_target_losses(
     Raises:
         ValueError: a record has no answer token (all its labels are ``-100``).
     """
-    device, param_dtype = _model_device_dtype(model)
-    dtype = _loss_dtype(param_dtype)
-    if _batch_records(batch) == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
-    _require_eval(model, allow_training)
-    labels = _get(batch, "labels", device).long()
-    input_ids = _get(batch, "input_ids", device)
-    if labels.shape != input_ids.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must have the shape of input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
-    targets = labels[:, 1:]
-    predict = targets != IGNORE_INDEX
-    counts = predict.sum(dim=1)
-    if (counts == 0).any():
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"records {empty} have no answer token (labels all -100)")
-    decoder, head = _decoder_and_head(model)
-    with torch.inference_mode():
-        hidden, _ = _hidden_states(decoder, batch, device)
+
+    def compute(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        labels = _get(batch, "labels", device).long()
+        input_ids = _get(batch, "input_ids", device)
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        targets = labels[:, 1:]
+        predict = targets != IGNORE_INDEX
+        counts = predict.sum(dim=1)
+        if (counts == 0).any():
+            empty = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"records {empty} have no answer token (labels all -100)")
+        hidden, _ = _hidden_states(decoder_and_head(model)[0], batch, device)
         rows, cols = torch.nonzero(predict, as_tuple=True)
-        logits = _head_logits(model, head, hidden[rows, cols])  # positions cols predict cols + 1
+        logits = lm_head_logits(model, hidden[rows, cols])  # positions cols predict cols + 1
         token_losses = F.cross_entropy(logits.to(dtype), targets[rows, cols], reduction="none")
         sums = torch.zeros(labels.shape[0], dtype=dtype, device=device)
         sums.index_add_(0, rows, token_losses)
-        losses = sums / counts.to(dtype)
-    return _finish(losses, dtype)
+        return sums / counts.to(dtype)
+
+    return per_record_losses(model, batch, compute, allow_training=allow_training)

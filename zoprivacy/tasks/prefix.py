@@ -41,6 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoprivacy.tasks.losses import (
+    answer_hidden_states,
+    class_labels,
+    decoder_and_head,
+    per_record_losses,
+)
+
 __all__ = ["LabelWordHead", "PrefixCache", "find_embeddings", "find_layers"]
 
 
@@ -246,9 +253,7 @@ class LabelWordHead(nn.Module):
 
     def __init__(self, model: nn.Module, label_token_ids: Sequence[int] | torch.Tensor) -> None:
         super().__init__()
-        from zoprivacy.tasks.losses import _decoder_and_head
-
-        _, head = _decoder_and_head(model)
+        _, head = decoder_and_head(model)
         rows = torch.as_tensor(label_token_ids, dtype=torch.long).flatten()
         with torch.no_grad():
             self.weight = nn.Parameter(head.weight[rows.to(head.weight.device)].detach().clone())
@@ -267,25 +272,15 @@ class LabelWordHead(nn.Module):
     def losses(
         self, model: nn.Module, batch: Mapping[str, Any], *, allow_training: bool = False
     ) -> torch.Tensor:
-        """Per-record cross-entropy over the C label words at each record's answer position."""
-        from zoprivacy.tasks import losses as L
+        """Per-record cross-entropy over the C label words at each record's answer position.
 
-        device, param_dtype = L._model_device_dtype(model)
-        dtype = L._loss_dtype(param_dtype)
-        if L._batch_records(batch) == 0:
-            return torch.zeros(0, dtype=dtype, device=device)
-        L._require_eval(model, allow_training)
-        labels = L._get(batch, "labels", device).long()
-        if labels.dim() != 1:
-            raise ValueError(f"labels must be class indices [B], got {tuple(labels.shape)}")
-        classes = self.weight.shape[0]
-        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-            raise ValueError(f"labels must be in [0, {classes}), got {labels.tolist()}")
-        decoder, _ = L._decoder_and_head(model)
-        with torch.inference_mode():
-            hidden, mask = L._hidden_states(decoder, batch, device)
-            pos = L.answer_positions(mask)
-            answer = hidden[torch.arange(hidden.shape[0], device=device), pos]
-            logits = self(answer)
-            losses = F.cross_entropy(logits.to(dtype), labels, reduction="none")
-        return L._finish(losses, dtype)
+        The same computation as :func:`zoprivacy.tasks.prompt_classification_losses`, with this
+        head's ``weight`` (and ``bias``) in place of the LM head's label-word rows.
+        """
+
+        def compute(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            labels = class_labels(batch, self.weight.shape[0], device)
+            logits = self(answer_hidden_states(model, batch))
+            return F.cross_entropy(logits.to(dtype), labels, reduction="none")
+
+        return per_record_losses(model, batch, compute, allow_training=allow_training)
