@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoprivacy.run.private as private
+from tests.conftest import regression_data, seeded_mlp, squared_errors
 from zoprivacy import PoissonBatchSampler, PredictableNoiseWarning, make_private
 from zoprivacy.accounting import RDPAccountant
 from zoprivacy.data.poisson import PredictableSamplingWarning
@@ -26,14 +27,11 @@ N, DIM = 24, 4
 
 
 def _data():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(N, DIM, generator=g, dtype=torch.float64)
-    return torch.utils.data.TensorDataset(x, x[:, 0])
+    return torch.utils.data.TensorDataset(*regression_data(N, DIM, seed=5))
 
 
 def _model():
-    torch.manual_seed(1)
-    return torch.nn.Linear(DIM, 1, dtype=torch.float64)
+    return seeded_mlp(DIM, 1, seed=1, dtype=torch.float64)
 
 
 def _run(model, dataset, *, steps=8, **kwargs):
@@ -60,10 +58,7 @@ def _closure(model, batch, calls=None):
     def closure():
         if calls is not None:
             calls.append(1)
-        if not batch:
-            return torch.zeros(0, dtype=torch.float64)
-        x, y = batch
-        return (model(x).squeeze(-1) - y) ** 2
+        return squared_errors(model, batch)
 
     return closure
 
@@ -154,7 +149,9 @@ def test_a_run_that_died_before_its_first_checkpoint_reuses_its_size_release(
 
     monkeypatch.setattr(private, "release_size", no_second_release)
     model = _model()
-    resumed = _run(model, _data(), journal=log)
+    with pytest.raises(JournalError, match=r"already holds a run.*resume=True.*new journal path"):
+        _run(model, _data(), journal=log)  # starting afresh on it must be explicit
+    resumed = _run(model, _data(), journal=log, resume=True)
     assert resumed.noisy_dataset_size == noisy_n
     assert resumed.recovery.replayed == 4 and resumed.steps_done == 4
     assert resumed.accountant.size_released
@@ -239,18 +236,16 @@ def test_journal_mismatches_are_refused_before_the_model_changes(tmp_path):
 
     fresh = _model()
     before = _flat(fresh)
-    with pytest.raises(JournalError, match="pass journal=<its path>"):
-        _run(fresh, _data(), checkpoint=ckpt)
     with pytest.raises(JournalError, match="belongs to another run"):
         _run(fresh, _data(), checkpoint=ckpt, journal=other)
     assert torch.equal(_flat(fresh), before)
     with torch.no_grad():
         fresh.weight.add_(1.0)
     with pytest.raises(JournalError, match="started from other parameters"):
-        _run(fresh, _data(), journal=log)  # no checkpoint, other initial model
+        _run(fresh, _data(), journal=log, resume=True)  # no checkpoint, other initial model
     with pytest.raises(JournalError, match="already holds records"):
         StepJournal.create(log, digest=params_digest(fresh.parameters()))
-    with pytest.raises(ValueError, match="not supported with process_group"):
+    with pytest.raises(ValueError, match=r"not supported with process_group.*journal=False"):
         _run(_model(), _data(), journal=tmp_path / "x.jsonl", process_group=object())
 
 
@@ -323,7 +318,7 @@ def test_any_crash_schedule_ends_at_the_unbroken_run(tmp_path_factory, reference
         kwargs = {"checkpoint": ckpt} if ckpt.exists() else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AbandonedStepWarning)
-            run = _run(model, _data(), journal=log, steps=16, **kwargs)
+            run = _run(model, _data(), journal=log, steps=16, resume=True, **kwargs)
         journal = run.optimizer._journal
         try:
             for batch in run.loader:

@@ -7,7 +7,9 @@ those steps again on fresh batches and fresh noise, a second release of the same
 restored accountant never saw. The journal closes that gap. It is an append-only file of JSON
 lines, each written with ``fsync`` before the run goes on:
 
-* ``header``: a run id and a digest of the initial trainable parameters;
+* ``header``: a run id, a digest of the trainable parameters the journal starts from, and its
+  ``origin``: ``"start"`` (kept from step 0, ``make_private(journal=PATH)``) or ``"checkpoint"``
+  (started by a run's first checkpoint, :mod:`~zoprivacy.run.checkpoint`);
 * ``size``: the noisy dataset size ñ and its Laplace scale ψ, right after the one release (so a
   run that dies before its first checkpoint reuses ñ instead of drawing it again);
 * ``begin`` (step t, σ_t, q): after the accountant is charged and *before* the closure runs,
@@ -55,6 +57,7 @@ __all__ = [
     "StepJournal",
     "charge_unreplayable",
     "journal_for_resume",
+    "open_checkpoint_journal",
     "params_digest",
     "plan_recovery",
     "recover",
@@ -121,8 +124,9 @@ class StepJournal:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | os.PathLike, *, digest: str) -> StepJournal:
-        """Start a new journal at ``path`` (which must not hold one already)."""
+    def create(cls, path: str | os.PathLike, *, digest: str, origin: str = "start") -> StepJournal:
+        """Start a new journal at ``path`` (which must not hold one already), from parameters
+        with ``digest``, at the run's ``origin`` (``"start"`` or ``"checkpoint"``)."""
         path = Path(path)
         if path.exists() and path.stat().st_size > 0:
             raise JournalError(
@@ -132,8 +136,16 @@ class StepJournal:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         journal = cls(path, [])
+        if origin not in ("start", "checkpoint"):
+            raise ValueError(f"origin must be 'start' or 'checkpoint', got {origin!r}")
         journal._append(
-            {"type": "header", "format": _FORMAT, "run": uuid.uuid4().hex, "digest": digest}
+            {
+                "type": "header",
+                "format": _FORMAT,
+                "run": uuid.uuid4().hex,
+                "digest": digest,
+                "origin": origin,
+            }
         )
         _fsync_dir(path.parent)
         return journal
@@ -175,6 +187,11 @@ class StepJournal:
     def digest(self) -> str:
         """Digest of the initial trainable parameters (:func:`params_digest`)."""
         return str(self._records[0]["digest"])
+
+    @property
+    def origin(self) -> str:
+        """``"start"`` (kept from step 0) or ``"checkpoint"`` (started at a checkpoint)."""
+        return str(self._records[0].get("origin", "start"))
 
     def entries(self, start: int = 0) -> list[dict[str, Any]]:
         """Copies of the records from index ``start`` on."""
@@ -255,12 +272,18 @@ def journal_for_resume(
     if info is None:
         if path is None:
             return None
-        return StepJournal.create(path, digest=params_digest(params))
+        return StepJournal.create(path, digest=params_digest(params), origin="checkpoint")
     if path is None:
         raise JournalError(
             "this run kept a write-ahead journal: pass journal=<its path> to resume it (without "
             "it, the steps that ran after this checkpoint would be released a second time)"
         )
+    return open_checkpoint_journal(info, path)
+
+
+def open_checkpoint_journal(info: dict[str, Any], path: str | os.PathLike) -> StepJournal:
+    """Open the journal at ``path`` of a checkpoint that recorded ``info`` (``{"run",
+    "records"}``): it must belong to the same run and reach the checkpoint's position."""
     log = StepJournal.open(path)
     if log.run_id != info["run"]:
         raise JournalError(
