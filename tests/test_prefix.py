@@ -150,3 +150,55 @@ def test_smollm2_label_word_head_with_cached_prefix(smollm2):
     assert torch.equal(model.model.embed_tokens.weight, before[0])
     for p, p0 in zip([*model.parameters(), head.weight], before, strict=True):
         p.data.copy_(p0)
+
+
+def test_precomputed_features_then_run_from_is_the_full_model(minilm):
+    """features() once over the records, then run_from() per batch: the full model's losses and
+    gradients, for any block size, and a clear error when nothing is frozen."""
+    model, tok = minilm
+    layers = model.bert.encoder.layer
+    _train_only(model, [model.classifier, model.bert.pooler, layers[-1]])
+    records = tasks.encode_classification(tok, TEXTS, LABELS, 32)
+    plain = functools.partial(tasks.sequence_classification_losses, model)
+    cache = PrefixCache(model)
+    feats = cache.features(plain, records, batch_size=3)  # two blocks of different lengths
+    assert set(feats) == {"hidden", "input_ids", "token_type_ids", "attention_mask"}
+    assert feats["hidden"].shape[:2] == feats["attention_mask"].shape and cache.misses == 0
+    whole = cache.features(plain, records, batch_size=4)
+    real = whole["attention_mask"].bool()  # padding positions hold no record's state
+    length = real.shape[1]
+    torch.testing.assert_close(feats["hidden"][:, :length][real], whole["hidden"][real])
+    assert torch.equal(feats["attention_mask"][:, :length], whole["attention_mask"])
+    rows = [3, 0, 2]
+    batch = tasks.select_records({**feats, "labels": records["labels"]}, rows)
+    batch = tasks.trim_padding(batch)
+    inputs = {k: v for k, v in batch.items() if k != "hidden"}
+    fast = cache.run_from(batch["hidden"], plain, inputs)
+    torch.testing.assert_close(fast, plain(tasks.select_records(records, rows)), atol=1e-6, rtol=0)
+
+    def grads(fn):
+        model.zero_grad()
+        fn().sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    def logits_loss(b):
+        return torch.nn.functional.cross_entropy(
+            model(**{k: v for k, v in b.items() if k != "labels"}).logits,
+            b["labels"],
+            reduction="none",
+        )
+
+    full = tasks.trim_padding(tasks.select_records(records, rows))
+    for a, b in zip(
+        grads(lambda: cache.run_from(batch["hidden"], logits_loss, inputs)),
+        grads(lambda: logits_loss(full)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    model.zero_grad()
+    _train_only(model, [layers[0], model.classifier])
+    cache.refresh()
+    with pytest.raises(RuntimeError, match="no frozen prefix"):
+        cache.features(plain, records)
+    with pytest.raises(RuntimeError, match="no frozen prefix"):
+        cache.run_from(feats["hidden"], plain, records)

@@ -11,20 +11,24 @@ sets. This module turns the command-line names into
 Frozen-prefix cache: when only the top of the network is trained (MiniLM: the head, or the head
 and the last N encoder layers; SmolLM2: the final norm, or it and the last N decoder layers, the
 tied embedding and so the label-word rows staying frozen), the frozen layers below compute the same
-hidden states at every step. :meth:`Classifier.build_cache` runs them once over the training
-records and keeps their output (:meth:`Classifier.prefix_features`); each loss evaluation then
-runs only the trainable suffix (:meth:`Classifier.suffix_logits`). The losses are the same function
-of the trainable parameters and of each record as without the cache (checked against
-:meth:`Classifier.full_logits` on public test records before training, see
+hidden states at every step. The one frozen-prefix cache of the package,
+:class:`zoprivacy.tasks.prefix.PrefixCache` (:attr:`Classifier.prefix`), does the work:
+:meth:`Classifier.build_cache` runs the frozen layers once over the training records and keeps
+their output (:meth:`Classifier.prefix_features`, i.e. :meth:`PrefixCache.features`); each loss
+evaluation then runs only the trainable suffix (:meth:`Classifier.suffix_logits`). The losses are
+the same function of the trainable parameters and of each record as without the cache (checked
+against :meth:`Classifier.full_logits` on public test records before training, see
 :meth:`Classifier.verify_cache`), so privacy is unaffected; it is purely a speed-up (about 6x for
 MiniLM ``head+last1``, several hundred times for ``head``; for SmolLM2 ``head`` a step no longer
 runs the 30 decoder layers 2K times).
 
-What the cache holds per record (:meth:`Classifier.prefix_features`): ``hidden``, the output of the
-last frozen layer, and, when trainable layers follow, ``attention_mask``. With only the head
-trainable this is one vector per record (MiniLM: the first token's state, or the pooled output
-when the pooler is frozen; SmolLM2: the last decoder layer's state at the answer position, before
-the final norm); otherwise the whole ``[L, H]`` sequence of the first trainable layer's input.
+What the cache holds per record: with only the head trainable, ``hidden``, the one vector the head
+reads (MiniLM: the first token's state, or the pooled output when the pooler is frozen; SmolLM2:
+the last decoder layer's state at the answer position, before the final norm), and the head runs on
+it directly (:meth:`Classifier.head_logits`); otherwise ``hidden``, the whole ``[L, H]`` input of
+the first trainable layer, with the record's ``input_ids`` / ``attention_mask``, and the model runs
+from it (:meth:`PrefixCache.run_from`: the embeddings and frozen layers return the cached states,
+masks and positions are built as usual).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch import nn
 from zoprivacy import tasks
 from zoprivacy.data.poisson import is_empty_batch
 from zoprivacy.tasks import packaged
+from zoprivacy.tasks.prefix import PrefixCache
 
 MODELS = ("minilm", "smollm2")
 TASKS = ("rotten_tomatoes", "bbc_news")
@@ -249,6 +254,7 @@ class Classifier:
                 raise SetupError(str(exc)) from None
         self.trainable_spec = trainable
         self.trainable_names = self._select(trainable)
+        self.prefix = PrefixCache(model, layers=self.layers)  # the frozen layers' one cache
         self._cache_from: int | None = None  # first trainable layer when caching
         self._cache: dict[str, torch.Tensor] | None = None
         self.cache_disabled_reason: str | None = None
@@ -348,32 +354,11 @@ class Classifier:
         """Index of the first trainable layer when a frozen prefix can be cached, else ``None``.
 
         ``len(layers)`` means only the head above the layers is trainable. ``None`` when the
-        embeddings or a layer below the first trainable one is trainable (for SmolLM2 the
-        embedding is tied to the LM head, so ``all`` caches nothing), or when nothing would be
-        skipped (the first layer is trainable).
+        embeddings (for SmolLM2: the tied LM head) or the first layer are trainable: then
+        nothing would be skipped (:attr:`PrefixCache.enabled`).
         """
-        layers = self.layers
-        first = len(layers)
-        for i, layer in enumerate(layers):
-            if any(p.requires_grad for p in layer.parameters()):
-                first = i
-                break
-        embeddings = (
-            self.model.bert.embeddings if self.kind == "minilm" else self.model.model.embed_tokens
-        )
-        if any(p.requires_grad for p in embeddings.parameters()):
-            return None
-        if self.kind == "smollm2":
-            # the tied LM head is the embedding matrix (frozen, checked above); the rotary
-            # embedding has no parameter. A first trainable layer 0 leaves nothing to skip.
-            return first if first > 0 else None
-        trainable = set(self.trainable_names)
-        prefix = []
-        for i in range(first):
-            prefix += [n for n in trainable if n.startswith(f"bert.encoder.layer.{i}.")]
-        if prefix:
-            return None
-        return first
+        self.prefix.refresh()
+        return self.prefix.first_trainable if self.prefix.enabled else None
 
     @torch.no_grad()
     def build_cache(self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32) -> None:
@@ -390,16 +375,17 @@ class Classifier:
     def prefix_features(
         self, encoded: Mapping[str, torch.Tensor], *, batch_size: int = 32
     ) -> dict[str, torch.Tensor]:
-        """The frozen prefix's output for encoded records (no autograd, full model's layers).
+        """The frozen prefix's output for encoded records (:meth:`PrefixCache.features`).
 
         Args:
             encoded: records from :meth:`encode` (a ``labels`` entry is ignored).
             batch_size: records per forward pass.
 
         Returns:
-            ``{"hidden": ...}`` plus ``"attention_mask"`` when trainable layers follow (see the
-            module docstring), one row per record, in the order of ``encoded``. Feed slices of
-            it (with ``labels``) to :meth:`suffix_logits` / :meth:`losses`.
+            One row per record, in the order of ``encoded`` (see the module docstring): with
+            only the head trainable ``{"hidden": [N, H]}``, the vector the head reads; else
+            ``{"hidden": [N, L, H], "input_ids", "attention_mask", ...}``. Feed slices of it
+            (with ``labels``) to :meth:`suffix_logits` / :meth:`losses`.
 
         Raises:
             RuntimeError: this trainable selection has no frozen prefix (:meth:`cache_plan`).
@@ -409,66 +395,20 @@ class Classifier:
             raise RuntimeError(
                 f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self._prefix_outputs(encoded, first, batch_size=batch_size)
+        select = self._head_input if first == len(self.layers) else None
+        return self.prefix.features(self.full_logits, encoded, batch_size=batch_size, select=select)
 
-    def _prefix_outputs(
-        self, encoded: Mapping[str, torch.Tensor], first: int, *, batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        n = next(iter(encoded.values())).shape[0]
-        inputs = {k: v for k, v in encoded.items() if k != "labels"}
-        num_layers = len(self.layers)
-        hidden_parts: list[torch.Tensor] = []
-        mask_parts: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                sub = {k: v[start : start + batch_size] for k, v in inputs.items()}
-                sub = tasks.trim_padding(sub)
-                if self.kind == "smollm2":
-                    states = self._decoder_prefix(sub, first)
-                elif first == num_layers:
-                    states = self.model.bert(**sub).last_hidden_state
-                else:  # hidden_states[i] is the input of layer i
-                    states = self.model.bert(**sub, output_hidden_states=True).hidden_states[first]
-                if self.kind == "minilm" and first == num_layers:
-                    states = states[:, 0]  # the pooler reads the first token only
-                    if self.model.bert.pooler is not None and self._pooler_frozen():
-                        states = self.model.bert.pooler(states.unsqueeze(1))
-                hidden_parts.append(states.clone())
-                if first < num_layers:
-                    mask_parts.append(sub["attention_mask"].clone())
-        if first == num_layers:
-            return {"hidden": torch.cat(hidden_parts).clone()}
-        hidden = _cat_padded(hidden_parts)
-        length = hidden.shape[1]
-        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in mask_parts])
-        return {"hidden": hidden.clone(), "attention_mask": mask}
-
-    def _decoder_prefix(self, sub: Mapping[str, torch.Tensor], first: int) -> torch.Tensor:
-        """SmolLM2: the output of decoder layer ``first - 1`` (at the answer position when
-        ``first`` is the number of layers), captured by a hook on the full decoder's forward."""
-        from zoprivacy.tasks.losses import _hidden_states, answer_positions
-
-        layers = self.layers
-        captured: list[torch.Tensor] = []
-
-        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, tuple | list) else output)
-
-        device = next(self.model.parameters()).device
-        handle = layers[first - 1].register_forward_hook(keep)
-        try:
-            _, mask = _hidden_states(self.model.model, sub, device)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"decoder layer {first - 1} ran {len(captured)} times, expected 1")
-        states = captured[0]
-        if first == len(layers):
-            pos = answer_positions(mask)
-            states = states[torch.arange(states.shape[0], device=states.device), pos]
-        return states.cpu()
+    def _head_input(self, hidden: torch.Tensor, block: Mapping[str, Any]) -> torch.Tensor:
+        """What the head reads of the last layer's output ``hidden`` (only the head trains):
+        MiniLM the first token's state (pooled when the pooler is frozen), SmolLM2 the answer
+        position's state (before the final norm)."""
+        if self.kind == "smollm2":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, tasks.answer_positions(block["attention_mask"])]
+        first_token = hidden[:, 0]
+        if self.model.bert.pooler is not None and self._pooler_frozen():
+            return self.model.bert.pooler(first_token.unsqueeze(1))
+        return first_token
 
     def _pooler_frozen(self) -> bool:
         pooler = self.model.bert.pooler
@@ -488,8 +428,7 @@ class Classifier:
         """
         if self._cache is None or self._cache_from is None:
             return False
-        probe = {k: v[:8] for k, v in encoded.items()}
-        probe = tasks.trim_padding(probe)
+        probe = tasks.trim_padding({k: v[:8] for k, v in encoded.items()})
         try:
             cached = self.prefix_features(probe, batch_size=8)
             with torch.inference_mode():
@@ -515,97 +454,45 @@ class Classifier:
     def suffix_logits(self, features: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` from prefix features (:meth:`prefix_features` rows).
 
-        Runs only the trainable top: the layers from :attr:`cache_from` (or, before a cache is
-        built, :meth:`cache_plan`), then MiniLM's pooler and classifier, or SmolLM2's final norm
-        and label-word rows. With autograd when called outside ``inference_mode``.
+        Runs only the trainable top: with only the head trainable, the head on the cached
+        vectors (:meth:`head_logits`); else the model from the cached hidden states
+        (:meth:`PrefixCache.run_from`: the trainable layers, then the head). With autograd when
+        called outside ``inference_mode``.
         """
-        layers = self.layers
-        first = self._cache_from if self._cache_from is not None else self.cache_plan()
-        if first is None:
+        first = self._cache_from if self._cache_from is not None else self.prefix.first_trainable
+        if not self.prefix.enabled:
             raise RuntimeError(
                 f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
             )
-        if self.kind == "smollm2":
-            return self._decoder_suffix(features, first)
+        hidden = features["hidden"].to(next(self.model.parameters()).device)
+        if first == len(self.layers):
+            return self.head_logits(hidden)
+        inputs = {k: v for k, v in features.items() if k not in ("hidden", "labels")}
+        return self.prefix.run_from(hidden, self.full_logits, inputs)
+
+    def head_logits(self, head_input: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, C]`` of the head alone, from the vectors it reads
+        (:meth:`prefix_features` when only the head is trainable): MiniLM the pooler (unless
+        frozen, and then cached) and classifier; SmolLM2 the final norm and the label-word rows
+        of the tied LM head."""
         model = self.model
-        hidden = features["hidden"]
-        if first < len(layers):
-            from transformers.masking_utils import create_bidirectional_mask
-
-            mask = create_bidirectional_mask(
-                config=model.config,
-                inputs_embeds=hidden,
-                attention_mask=features["attention_mask"],
-            )
-            for layer in layers[first:]:
-                out = layer(hidden, mask)
-                hidden = out[0] if isinstance(out, tuple) else out
-            first_token = hidden[:, 0]
-        elif self._pooler_frozen():
-            return model.classifier(model.dropout(hidden))  # the cache holds the pooled output
-        else:
-            first_token = hidden
+        if self.kind == "smollm2":
+            answer = model.model.norm(head_input)
+            rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=answer.device)
+            return tasks.lm_head_logits(model, answer, rows)
         pooler = model.bert.pooler
-        pooled = first_token if pooler is None else pooler(first_token[:, None])
-        return model.classifier(model.dropout(pooled))
-
-    def _decoder_suffix(self, features: Mapping[str, Any], first: int) -> torch.Tensor:
-        from zoprivacy.tasks.losses import (
-            _decoder_and_head,
-            _head_logits,
-            _position_ids,
-            answer_positions,
-        )
-
-        decoder, head = _decoder_and_head(self.model)
-        device = next(self.model.parameters()).device
-        hidden = features["hidden"].to(device)
-        if first < len(self.layers):
-            from transformers.masking_utils import create_causal_mask
-
-            mask = features["attention_mask"].to(device)
-            positions = _position_ids(mask)
-            causal = create_causal_mask(
-                config=decoder.config,
-                inputs_embeds=hidden,
-                attention_mask=mask,
-                cache=None,
-                position_ids=positions,
-            )
-            rotary = decoder.rotary_emb(hidden, position_ids=positions)
-            for layer in self.layers[first:]:
-                out = layer(
-                    hidden,
-                    attention_mask=causal,
-                    position_embeddings=rotary,
-                    position_ids=positions,
-                    use_cache=False,
-                )
-                hidden = out[0] if isinstance(out, tuple) else out
-            hidden = hidden[torch.arange(hidden.shape[0], device=device), answer_positions(mask)]
-        answer = decoder.norm(hidden)
-        rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=device)
-        return _head_logits(self.model, head, answer, rows)
+        if not self._pooler_frozen():
+            head_input = pooler(head_input[:, None])
+        return model.classifier(model.dropout(head_input))
 
     def full_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` of encoded records through the whole model (no cache)."""
         if self.kind == "minilm":
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             return self.model(**inputs).logits
-        from zoprivacy.tasks.losses import (
-            _decoder_and_head,
-            _head_logits,
-            _hidden_states,
-            answer_positions,
-        )
-
-        device = next(self.model.parameters()).device
-        decoder, head = _decoder_and_head(self.model)
-        hidden, mask = _hidden_states(decoder, batch, device)
-        pos = answer_positions(mask)
-        answer = hidden[torch.arange(hidden.shape[0], device=device), pos]
-        rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=device)
-        return _head_logits(self.model, head, answer, rows)
+        answer = tasks.answer_hidden_states(self.model, batch)
+        rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=answer.device)
+        return tasks.lm_head_logits(self.model, answer, rows)
 
     def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` of a training batch (cached or raw), with autograd."""
@@ -615,20 +502,19 @@ class Classifier:
 
     def losses(self, batch: Any) -> torch.Tensor:
         """Per-record cross-entropy ``[B]`` without autograd (the zeroth-order closure)."""
-        if is_empty_batch(batch) or _records(batch) == 0:
-            return torch.zeros(0)
-        if "hidden" not in batch:
+        if is_empty_batch(batch) or "hidden" not in batch:
             if self.kind == "minilm":
                 return tasks.sequence_classification_losses(self.model, batch)
             return tasks.prompt_classification_losses(
                 self.model, batch, label_token_ids=self.label_word_ids
             )
-        if self.model.training:
-            raise ValueError("the model must be in eval mode for zeroth-order training")
-        with torch.inference_mode():
+
+        def compute(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
             logits = self.suffix_logits(batch)
-            losses = F.cross_entropy(logits.float(), batch["labels"].long(), reduction="none")
-        return losses.clone()
+            labels = batch["labels"].to(device).long()
+            return F.cross_entropy(logits.to(dtype), labels, reduction="none")
+
+        return tasks.per_record_losses(self.model, batch, compute)
 
     def grad_module(self) -> nn.Module:
         """An ``nn.Module`` whose forward(batch dict) gives logits (for Opacus / AdamW)."""
@@ -652,8 +538,6 @@ class Classifier:
                 output does not change during training, so one prefix pass serves the
                 evaluations before and after it. ``None``: the full model runs.
         """
-        was_training = self.model.training
-        self.model.eval()
         n = encoded["labels"].shape[0]
         rows = None if features is None else next(iter(features.values())).shape[0]
         if rows is not None and rows != n:
@@ -661,21 +545,20 @@ class Classifier:
                 f"features has {rows} rows for {n} records; pass prefix_features(encoded) of "
                 "these records"
             )
+        was_training = self.model.training
+        self.model.eval()
         correct = 0
         try:
             with torch.inference_mode():
                 for start in range(0, n, batch_size):
+                    part = slice(start, start + batch_size)
                     if features is None:
-                        sub = tasks.trim_padding(
-                            {k: v[start : start + batch_size] for k, v in encoded.items()}
+                        logits = self.full_logits(
+                            tasks.trim_padding({k: v[part] for k, v in encoded.items()})
                         )
-                        logits = self.full_logits(sub)
                     else:
-                        sub = {k: v[start : start + batch_size] for k, v in features.items()}
-                        sub["labels"] = encoded["labels"][start : start + batch_size]
-                        logits = self.suffix_logits(sub)
-                    pred = logits.argmax(dim=-1)
-                    correct += int((pred.cpu() == sub["labels"]).sum())
+                        logits = self.suffix_logits({k: v[part] for k, v in features.items()})
+                    correct += int((logits.argmax(dim=-1).cpu() == encoded["labels"][part]).sum())
         finally:
             self.model.train(was_training)
         return correct / n if n else math.nan
@@ -691,16 +574,6 @@ class _LogitsModule(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return self._classifier[0].logits(batch)
-
-
-def _records(batch: Mapping[str, Any]) -> int:
-    return int(batch["labels"].shape[0]) if "labels" in batch else 0
-
-
-def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate ``[b, L_i, H]`` blocks, right-padding each to the longest ``L``."""
-    length = max(p.shape[1] for p in parts)
-    return torch.cat([F.pad(p, (0, 0, 0, length - p.shape[1])) for p in parts])
 
 
 def load_classifier(

@@ -11,6 +11,15 @@ frozen layers and runs only the trainable suffix::
     losses = cache.wrap(functools.partial(tasks.sequence_classification_losses, model))
     opt.step(lambda: losses(batch))                # 1 full forward + 2K − 1 suffix forwards
 
+The same cache serves a whole data set when the frozen layers never change during training
+(the ``zoprivacy finetune`` job): :meth:`PrefixCache.features` runs the prefix once over all
+records and keeps its output per record, and :meth:`PrefixCache.run_from` then runs only the
+trainable suffix of a batch from those rows, so not even the first evaluation of a step runs the
+frozen layers::
+
+    feats = cache.features(logits_fn, encoded)     # once: {"hidden", "input_ids", ...}
+    logits = cache.run_from(feats["hidden"][rows], logits_fn, inputs_of_rows)
+
 How: the wrapped function is called as usual; on a cache hit, the ``forward`` of the embedding
 block and of every frozen layer is temporarily replaced by one that returns the cached output
 of the last frozen layer (the attention masks, rotary embeddings and everything after the frozen
@@ -107,6 +116,24 @@ def _fingerprint(batch: Any) -> tuple[Any, ...]:
     return (id(batch), items)
 
 
+def _sequence_inputs(block: Mapping[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    """The block's tensors shaped like the hidden states' ``[B, L]`` (``labels`` aside)."""
+    return {
+        k: v
+        for k, v in block.items()
+        if k != "labels" and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == shape
+    }
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate blocks along the records, right-padding dimension 1 with zeros to the longest
+    (``[b, L_i, ...]`` hidden states, ``[b, L_i]`` masks and ids; equal lengths: no padding)."""
+    if parts[0].dim() < 2:
+        return torch.cat(parts)
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, 0) * (p.dim() - 2) + (0, length - p.shape[1])) for p in parts])
+
+
 class PrefixCache:
     """Caches the frozen prefix (embeddings + layers below the first trainable one) per batch.
 
@@ -144,6 +171,7 @@ class PrefixCache:
         self._key: tuple[Any, ...] | None = None
         self._batch: Any = None
         self._output: Any = None
+        self._tuple_output = False  # the layers return tuples (older transformers)
 
     def _first_trainable(self) -> int:
         if any(p.requires_grad for p in self.embeddings.parameters()):
@@ -185,33 +213,138 @@ class PrefixCache:
         """Run ``fn(batch, ...)``, from the cached prefix when ``batch`` is the cached one."""
         if not self.enabled:
             return fn(batch, *args, **kwargs)
-        if self.model.training:
-            raise ValueError(
-                "PrefixCache needs the model in eval mode (model.eval()): dropout in the frozen "
-                "prefix would be drawn once and reused across the perturbed evaluations"
-            )
+        self._require_eval()
         key = _fingerprint(batch)
         if key == self._key and self._output is not None:
             self.hits += 1
             with self._short_circuit(self._output):
                 return fn(batch, *args, **kwargs)
         self.clear()
-        captured: list[Any] = []
-        boundary = self.layers[self.first_trainable - 1] if self.first_trainable else None
-        module = boundary if boundary is not None else self.embeddings
-
-        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output)
-
-        handle = module.register_forward_hook(keep)
-        try:
+        with self._capturing() as captured:
             out = fn(batch, *args, **kwargs)
-        finally:
-            handle.remove()
         self.misses += 1
         if len(captured) == 1:  # the model ran once on this batch: cache its prefix
             self._key, self._batch, self._output = key, batch, captured[0]
         return out
+
+    # ------------------------------------------------------------ precomputed prefix outputs
+    def prefix_output(
+        self, fn: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The frozen prefix's output for ``batch``: the hidden states entering the first
+        trainable layer (``[B, L, H]``; the last layer's output when only a head above the
+        layers is trainable).
+
+        Runs ``fn(batch, ...)`` once under ``torch.inference_mode()`` (``fn`` must run the
+        model's forward on ``batch``, e.g. a loss or logits function) and returns an ordinary
+        tensor. Nothing is kept: see :meth:`features` for a whole set of records.
+
+        Raises:
+            RuntimeError: nothing is frozen (:attr:`enabled` is False), or the model did not run
+                exactly once.
+            ValueError: the model is in training mode.
+        """
+        self._require_prefix()
+        self._require_eval()
+        with torch.inference_mode(), self._capturing() as captured:
+            fn(batch, *args, **kwargs)
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"layer {self.first_trainable - 1} ran {len(captured)} times in fn, expected 1"
+            )
+        output = captured[0]
+        self._tuple_output = isinstance(output, tuple | list)
+        return (output[0] if self._tuple_output else output).clone()
+
+    def features(
+        self,
+        fn: Callable[[dict[str, Any]], Any],
+        records: Mapping[str, torch.Tensor],
+        *,
+        batch_size: int = 32,
+        select: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The frozen prefix's output for a set of encoded records, computed once (no autograd).
+
+        The records run through ``fn`` in blocks of ``batch_size``, each cut to its own longest
+        record (:func:`zoprivacy.tasks.trim_padding`); a record's prefix output depends on that
+        record alone, so the result is the same for any block size.
+
+        Args:
+            fn: runs the model on a block (a dict of ``records``' rows), e.g. a logits function.
+            records: encoded records (dict of tensors, one row per record).
+            batch_size: records per forward pass.
+            select: ``select(hidden, block)`` keeps, per record, what the trainable top reads
+                (e.g. the answer position's state when only a head is trainable).
+
+        Returns:
+            With ``select``: ``{"hidden": select(...)}``. Without: ``{"hidden": [N, L, H]}``
+            plus the records' sequence-shaped inputs (``input_ids``, ``attention_mask``, ...;
+            not ``labels``), right-padded to the common length ``L``: give rows of it with
+            :meth:`run_from` to run only the trainable suffix.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        from zoprivacy.tasks.encoding import trim_padding
+
+        n = next(iter(records.values())).shape[0]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, n, batch_size):
+            block = trim_padding({k: v[start : start + batch_size] for k, v in records.items()})
+            hidden = self.prefix_output(fn, block)
+            if select is not None:
+                with torch.inference_mode():
+                    chosen = select(hidden, block)
+                found = {"hidden": chosen.clone()}  # outside inference mode: an ordinary tensor
+            else:
+                found = {"hidden": hidden, **_sequence_inputs(block, hidden.shape[:2])}
+            for key, value in found.items():
+                parts.setdefault(key, []).append(value)
+        return {key: _cat_padded(values) for key, values in parts.items()}
+
+    def run_from(
+        self, hidden: torch.Tensor, fn: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``fn(batch, ...)`` with the frozen prefix's output replaced by ``hidden``.
+
+        ``hidden`` holds the batch's records' prefix output (rows of :meth:`features` without
+        ``select``, or :meth:`prefix_output`), and ``batch`` their inputs (``input_ids``,
+        ``attention_mask``, of the same length): the embeddings and the frozen layers return
+        ``hidden`` instead of running; masks, positions and the trainable layers run as usual.
+        Runs in the caller's grad mode and model mode (the trainable top may use dropout).
+        """
+        self._require_prefix()
+        output = (hidden,) if self._tuple_output else hidden
+        with self._short_circuit(output):
+            return fn(batch, *args, **kwargs)
+
+    def _require_prefix(self) -> None:
+        if not self.enabled:
+            raise RuntimeError(
+                "no frozen prefix: the embeddings or the first layer are trainable (nothing "
+                "below the first trainable layer to precompute)"
+            )
+
+    def _require_eval(self) -> None:
+        if self.model.training:
+            raise ValueError(
+                "PrefixCache needs the model in eval mode (model.eval()): dropout in the frozen "
+                "prefix would be drawn once and reused across the perturbed evaluations"
+            )
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[list[Any]]:
+        """Collect the outputs of the last frozen layer while the block runs."""
+        captured: list[Any] = []
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output)
+
+        handle = self.layers[self.first_trainable - 1].register_forward_hook(keep)
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     @contextlib.contextmanager
     def _short_circuit(self, output: Any) -> Iterator[None]:
