@@ -38,7 +38,6 @@ skips the rows already there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -170,22 +169,7 @@ class TaskFeatures:
         if path is not None and path.exists():
             self.features = torch.load(path, weights_only=True)
         else:
-            train = clf.encode(data.train_texts, data.train_labels)
-            val = clf.encode(data.validation_texts, data.validation_labels)
-            clf.build_cache(train)
-            if not clf.verify_cache(test):
-                raise RuntimeError(f"the frozen-prefix cache does not match {model} on {task}")
-            self.features = {
-                "train": {"hidden": clf.cached_features["hidden"], "labels": train["labels"]},
-                "validation": {
-                    "hidden": clf.prefix_features(val, batch_size=32)["hidden"],
-                    "labels": val["labels"],
-                },
-                "test": {
-                    "hidden": clf.prefix_features(test, batch_size=32)["hidden"],
-                    "labels": test["labels"],
-                },
-            }
+            self.features = _prefix_features(clf, data, test, label=f"{model} on {task}")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(self.features, path)
@@ -226,6 +210,26 @@ class TaskFeatures:
         )
 
 
+def _prefix_features(clf: Any, data: Any, test: dict[str, torch.Tensor], *, label: str) -> dict:
+    """The three splits' frozen-prefix features (the job's cache, verified on test records)."""
+    train = clf.encode(data.train_texts, data.train_labels)
+    val = clf.encode(data.validation_texts, data.validation_labels)
+    clf.build_cache(train)
+    if not clf.verify_cache(test):
+        raise RuntimeError(f"the frozen-prefix cache does not match {label}")
+    return {
+        "train": {"hidden": clf.cached_features["hidden"], "labels": train["labels"]},
+        "validation": {
+            "hidden": clf.prefix_features(val, batch_size=32)["hidden"],
+            "labels": val["labels"],
+        },
+        "test": {
+            "hidden": clf.prefix_features(test, batch_size=32)["hidden"],
+            "labels": test["labels"],
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # one run
 # ---------------------------------------------------------------------------------------------
@@ -262,57 +266,19 @@ def run_one(
     steps: int,
 ) -> dict[str, Any]:
     """Train the head with ``method`` through the job's trainers; returns the measured row."""
-    from zoprivacy.accounting import PrivacyBudgetExceeded
-    from zoprivacy.finetune._train import TrainSettings, make_trainer
-    from zoprivacy.tasks import TensorDictDataset
-
-    clf = feats.classifier
     feats.reset(seed)
     before = feats.accuracy("test")
     _reset_peak_rss()
     started = time.monotonic()
-    privacy: dict[str, Any] = {}
-    done = 0
-    clip = None
+    clip = _clip_norm(method, k)
+    done, privacy, eps_spent = 0, {}, 0.0
     if method != "zeroshot":
-        if method in ("dpaggzo", "dpzo"):
-            clip = CLIP_BETA / math.sqrt(k)
-        elif method == "dpadamw":
-            clip = DPADAMW_CLIP
-        settings = TrainSettings(
-            method=method,
-            steps=steps,
-            lr=lr,
-            batch_size=BATCH_SIZE,
-            directions=k or 1,
-            clip_norm=math.inf if clip is None else clip,
-            perturbation_scale=PERTURBATION_SCALE,
-            weight_decay=0.0,
-            epsilon=2.0 if epsilon is None else epsilon,
-            delta=DELTA,
-            seed=seed,
-        )
-        train = feats.features["train"]
-        dataset = TensorDictDataset({"hidden": train["hidden"], "labels": train["labels"]})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer = make_trainer(clf, dataset, settings)
-            for batch in trainer.loader:
-                try:
-                    trainer.step(batch)
-                except PrivacyBudgetExceeded:
-                    break
-            if hasattr(trainer, "close"):
-                trainer.close()
-        done = trainer.steps_done
-        privacy = trainer.privacy
-        eps_spent = trainer.epsilon_spent()
-    else:
-        eps_spent = 0.0
+        done, privacy, eps_spent = _train(feats, method, k, epsilon, seed, lr, steps, clip)
     wall = time.monotonic() - started
     peak = _peak_rss_mib()
-    clf.model.eval()
-    if method in ("dpaggzo", "dpzo", "mezo"):
+    feats.classifier.model.eval()
+    zeroth_order = method in ("dpaggzo", "dpzo", "mezo")
+    if zeroth_order:
         forward, backward = 2 * (k or 1) * done, 0
     elif method in ("dpadamw", "adamw"):
         forward, backward = done, done
@@ -342,11 +308,63 @@ def run_one(
         "sample_rate": privacy.get("sample_rate"),
         "noisy_dataset_size": privacy.get("noisy_dataset_size"),
         "batch_size": BATCH_SIZE,
-        "perturbation_scale": PERTURBATION_SCALE if method in ("dpaggzo", "dpzo", "mezo") else None,
+        "perturbation_scale": PERTURBATION_SCALE if zeroth_order else None,
         "train_records": feats.sizes["train"],
         "validation_records": feats.sizes["validation"],
         "test_records": feats.sizes["test"],
     }
+
+
+def _clip_norm(method: str, k: int | None) -> float | None:
+    """The clip norm of ``method``: β/√K for the private ZO methods, 1.0 for DP-AdamW."""
+    if method in ("dpaggzo", "dpzo"):
+        return CLIP_BETA / math.sqrt(k)
+    if method == "dpadamw":
+        return DPADAMW_CLIP
+    return None
+
+
+def _train(
+    feats: TaskFeatures,
+    method: str,
+    k: int | None,
+    epsilon: float | None,
+    seed: int,
+    lr: float,
+    steps: int,
+    clip: float | None,
+) -> tuple[int, dict[str, Any], float]:
+    """Run the job's trainer on the cached training features: (steps done, privacy, ε spent)."""
+    from zoprivacy.accounting import PrivacyBudgetExceeded
+    from zoprivacy.finetune._train import TrainSettings, make_trainer
+    from zoprivacy.tasks import TensorDictDataset
+
+    settings = TrainSettings(
+        method=method,
+        steps=steps,
+        lr=lr,
+        batch_size=BATCH_SIZE,
+        directions=k or 1,
+        clip_norm=math.inf if clip is None else clip,
+        perturbation_scale=PERTURBATION_SCALE,
+        weight_decay=0.0,
+        epsilon=2.0 if epsilon is None else epsilon,
+        delta=DELTA,
+        seed=seed,
+    )
+    train = feats.features["train"]
+    dataset = TensorDictDataset({"hidden": train["hidden"], "labels": train["labels"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(feats.classifier, dataset, settings)
+        for batch in trainer.loader:
+            try:
+                trainer.step(batch)
+            except PrivacyBudgetExceeded:
+                break
+        if hasattr(trainer, "close"):
+            trainer.close()
+    return trainer.steps_done, trainer.privacy, trainer.epsilon_spent()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +413,8 @@ def _cell(task, method, k, eps, steps, comparison) -> dict[str, Any]:
     }
 
 
-def _key(row: dict[str, Any]) -> tuple:
+def _cell_of(row: dict[str, Any]) -> tuple:
+    """The cell a row of utility.json belongs to (its planned steps, not the steps done)."""
     return (
         row.get("model", "minilm"),
         row["task"],
@@ -404,9 +423,16 @@ def _key(row: dict[str, Any]) -> tuple:
         row["epsilon"],
         row["steps_planned"],
         row["comparison"],
-        row["seed"],
-        row["lr"],
     )
+
+
+def _cell_id(cell: dict[str, Any]) -> tuple:
+    """A cell of :func:`cells` as :func:`_cell_of` gives it for its rows."""
+    return _cell_of({**cell, "steps_planned": cell["steps"]})
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (*_cell_of(row), row["seed"], row["lr"])
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -469,30 +495,12 @@ def run_cells(
 
 
 def _matches(row: dict[str, Any], cell: dict[str, Any]) -> bool:
-    return (
-        row.get("model", "minilm") == cell.get("model", "minilm")
-        and row["task"] == cell["task"]
-        and row["method"] == cell["method"]
-        and row["K"] == cell["K"]
-        and row["epsilon"] == cell["epsilon"]
-        and row["steps_planned"] == cell["steps"]
-        and row["comparison"] == cell["comparison"]
-    )
+    return _cell_of(row) == _cell_id(cell)
 
 
 def _run_or_skip(cell, seed, lr, rows, done, path, features, make_features, values, bar):
     lr_key = None if cell["method"] == "zeroshot" else lr
-    key = (
-        cell.get("model", "minilm"),
-        cell["task"],
-        cell["method"],
-        cell["K"],
-        cell["epsilon"],
-        cell["steps"],
-        cell["comparison"],
-        seed,
-        lr_key,
-    )
+    key = (*_cell_id(cell), seed, lr_key)
     if key in done:
         bar.update(1)
         return next(r for r in rows if _key(r) == key)
@@ -537,16 +545,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if not r.get("selected"):
             continue
-        key = (
-            r.get("model", "minilm"),
-            r["task"],
-            r["method"],
-            r["K"],
-            r["epsilon"],
-            r["steps_planned"],
-            r["comparison"],
-        )
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(_cell_of(r), []).append(r)
     out = []
     for key, group in groups.items():
         acc = torch.tensor([g["test_accuracy"] for g in group], dtype=torch.float64)
@@ -750,7 +749,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.utility", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one cell, two steps (CI)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
@@ -786,44 +785,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="print the markdown tables of --out/utility.json, redraw its two plots, and exit",
     )
-    args = parser.parse_args(argv)
-    if args.table:
-        rows = _load(args.out / "utility.json")
-        for model in MODELS:
-            table = paper_table(rows, model)
-            if table:
-                print(table + "\n")
-        print(markdown_table(rows))
-        plot(summarize(rows), args.out / "utility_accuracy.png")
-        plot_vs_k(rows, args.out / "utility_vs_k.png")
-        return 0
-    torch.set_num_threads(1)
+    return parser
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    methods = [m for m in args.methods.split(",") if m]
-    seeds = _ints(args.seeds)
-    epsilons = _floats(args.epsilons)
+
+def _show_tables(out: Path) -> None:
+    """``--table``: print the tables of ``out/utility.json`` and redraw its two plots."""
+    rows = _load(out / "utility.json")
+    for model in MODELS:
+        table = paper_table(rows, model)
+        if table:
+            print(table + "\n")
+    print(markdown_table(rows))
+    plot(summarize(rows), out / "utility_accuracy.png")
+    plot_vs_k(rows, out / "utility_vs_k.png")
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The runs the arguments ask for: tasks, methods, seeds, ε, K, grid and data sizes."""
     grid = {k: list(v) for k, v in GRID.items()}
     for part in filter(None, args.grid.split(";")):
         name, values = part.split("=")
         grid[name.strip()] = _floats(values)
-    ks: dict[str, Sequence[int]] = {}
-    if args.ks:
-        ks["dpaggzo"] = _ints(args.ks)
-    per_class, val_size, test_size, max_length = PER_CLASS_TRAIN, None, None, None
-    cache_dir: Path | None = args.cache_dir
-    name = "utility"
+    plan: dict[str, Any] = {
+        "tasks": [t for t in args.tasks.split(",") if t],
+        "methods": [m for m in args.methods.split(",") if m],
+        "seeds": _ints(args.seeds),
+        "epsilons": _floats(args.epsilons),
+        "ks": {"dpaggzo": _ints(args.ks)} if args.ks else {},
+        "grid": grid,
+        "sizes": (PER_CLASS_TRAIN, None, None, None),  # per class, validation, test, length
+        "cache_dir": args.cache_dir,
+        "name": "utility",
+    }
     if args.quick:
-        tasks, methods, seeds, epsilons = ["rotten_tomatoes"], ["dpaggzo"], [0], [2.0]
-        ks = {"dpaggzo": [4]}
         args.steps, args.dpzo_cap = 2, 0
         grid["dpaggzo"] = [1.0]
-        per_class, val_size, test_size, max_length = 8, 8, 16, 32
-        cache_dir = None
-        name = "utility_quick"
-    unknown = set(methods) - set(ALL_METHODS) or set(tasks) - set(ALL_TASKS)
+        plan.update(
+            tasks=["rotten_tomatoes"], methods=["dpaggzo"], seeds=[0], epsilons=[2.0],
+            ks={"dpaggzo": [4]}, sizes=(8, 8, 16, 32), cache_dir=None, name="utility_quick",
+        )  # fmt: skip
+    unknown = set(plan["methods"]) - set(ALL_METHODS) or set(plan["tasks"]) - set(ALL_TASKS)
     if unknown:
         parser.error(f"unknown {sorted(unknown)}")
+    return plan
+
+
+def _cell_list(args: argparse.Namespace, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells to run (``--figure5``: DP-AggZO at each K, first ε), tagged with the model."""
+    if args.figure5:
+        cell_list = [
+            _cell(task, "dpaggzo", k, plan["epsilons"][0], args.steps, "accuracy_vs_k")
+            for task in plan["tasks"]
+            for k in plan["ks"].get("dpaggzo", FIGURE5_K)
+        ]
+    else:
+        cell_list = cells(
+            plan["tasks"], plan["methods"], plan["epsilons"], args.steps, args.dpzo_cap, plan["ks"]
+        )
+        if args.comparisons:
+            wanted = set(args.comparisons.split(","))
+            cell_list = [c for c in cell_list if c["comparison"] in wanted]
+    for c in cell_list:
+        c["model"] = args.model
+    return cell_list
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.table:
+        _show_tables(args.out)
+        return 0
+    torch.set_num_threads(1)
+    plan = _plan(args, parser)
+    per_class, val_size, test_size, max_length = plan["sizes"]
 
     def make_features(task: str) -> TaskFeatures:
         return TaskFeatures(
@@ -832,54 +867,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             validation_size=VALIDATION_SIZE[task] if val_size is None else val_size,
             test_size=test_size,
             max_length=max_length,
-            cache_dir=cache_dir,
+            cache_dir=plan["cache_dir"],
             model=args.model,
         )
 
-    path = args.out / f"{name}.json"
-    features: dict[str, TaskFeatures] = {}
-    with contextlib.ExitStack():
-        if args.figure5:
-            cell_list = [
-                {
-                    "task": task,
-                    "method": "dpaggzo",
-                    "K": k,
-                    "epsilon": epsilons[0],
-                    "steps": args.steps,
-                    "comparison": "accuracy_vs_k",
-                }
-                for task in tasks
-                for k in ks.get("dpaggzo", FIGURE5_K)
-            ]
-            for c in cell_list:
-                c["model"] = args.model
-            lr = args.figure5_lr if args.figure5_lr is not None else grid["dpaggzo"][0]
-            rows = run_cells(
-                cell_list,
-                seeds,
-                path,
-                features=features,
-                make_features=make_features,
-                grid={"dpaggzo": [lr]},
-                progress=not args.no_progress,
-            )
-        else:
-            cell_list = cells(tasks, methods, epsilons, args.steps, args.dpzo_cap, ks)
-            if args.comparisons:
-                wanted = set(args.comparisons.split(","))
-                cell_list = [c for c in cell_list if c["comparison"] in wanted]
-            for c in cell_list:
-                c["model"] = args.model
-            rows = run_cells(
-                cell_list,
-                seeds,
-                path,
-                features=features,
-                make_features=make_features,
-                grid=grid,
-                progress=not args.no_progress,
-            )
+    grid = plan["grid"]
+    if args.figure5:
+        lr = args.figure5_lr if args.figure5_lr is not None else grid["dpaggzo"][0]
+        grid = {"dpaggzo": [lr]}
+    name = plan["name"]
+    rows = run_cells(
+        _cell_list(args, plan),
+        plan["seeds"],
+        args.out / f"{name}.json",
+        features={},
+        make_features=make_features,
+        grid=grid,
+        progress=not args.no_progress,
+    )
     summary = summarize(rows)
     print(f"machine: {machine()}", file=sys.stderr)
     plot(summary, args.out / f"{name}_accuracy.png")
