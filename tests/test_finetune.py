@@ -146,8 +146,6 @@ def test_cli_end_to_end_report_weights_card_and_diagnostics(tmp_path, capsys):
         "test_accuracy_before",
         "test_accuracy_after",
         "steps",
-        "wall_seconds",
-        "peak_memory_mib",
         "noise_multiplier",
         "laplace_scale",
         "sample_rate",
@@ -155,7 +153,12 @@ def test_cli_end_to_end_report_weights_card_and_diagnostics(tmp_path, capsys):
     ):
         assert key in report, key
     assert report["private"] and report["method"] == "dpaggzo" and report["directions"] == 4
-    assert report["steps"] == 4 and report["wall_seconds"] > 0 and report["peak_memory_mib"] > 0
+    assert report["steps"] == 4
+    # timing and memory are a side channel: kept in diagnostics/, not in the shareable report
+    resources = json.loads((out / "diagnostics/resources.json").read_text())
+    assert resources["wall_seconds"] > 0 and resources["peak_memory_mib"] > 0
+    assert resources["wall_seconds_all_sessions"] == resources["wall_seconds"]
+    assert [(s["from_step"], s["to_step"]) for s in resources["sessions"]] == [(0, 4)]
     assert 0.0 <= report["test_accuracy_before"] <= 1.0
     assert 0.0 <= report["test_accuracy_after"] <= 1.0
     # ε is the accountant's: the size release (ψ) composed with T steps (σ, q)
@@ -201,8 +204,47 @@ def test_cli_end_to_end_report_weights_card_and_diagnostics(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+ON_SCREEN = ("loss", "clip", "wall time", "peak memory", "MiB")
+IN_REPORT = {"loss", "clip_fraction", "batch_clip_error", "wall_seconds", "peak_memory_mib",
+             "wall_seconds_all_sessions", "batch_size"}  # fmt: skip
+
+
+def _run_on_a_terminal(tmp_path, monkeypatch, capsys, *extra: str, name: str):
+    """The tiny run with its progress bar shown, as on a terminal; returns (out, stdout, stderr)."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    argv = [a for a in TINY if a != "--no-progress"]
+    code = main(["finetune", *argv, "--directions", "2", "--output", str(tmp_path / name), *extra])
+    assert code == 0
+    captured = capsys.readouterr()
+    return tmp_path / name, captured.out, captured.err
+
+
+def test_only_public_values_are_shown_and_shared_by_default(tmp_path, monkeypatch, capsys):
+    """Defect 4: the progress bar, the summary and report.json show the step and ε spent, not
+    the loss, clip fraction, wall time or memory (private: computed without noise; timing is a
+    side channel); --show-private-diagnostics shows them, saying on screen that they are
+    private."""
+    out, stdout, stderr = _run_on_a_terminal(tmp_path, monkeypatch, capsys, name="public")
+    assert "4/4" in stderr and "ε=" in stderr  # the bar was drawn, with ε spent
+    for text in ON_SCREEN:
+        assert text not in stderr and text not in stdout, text
+    assert not IN_REPORT & set(read_report(out))
+    assert "PRIVATE" not in stderr
+    out, stdout, stderr = _run_on_a_terminal(
+        tmp_path, monkeypatch, capsys, "--show-private-diagnostics", name="private"
+    )
+    assert "private loss=" in stderr and "private clip=" in stderr
+    assert "are PRIVATE" in stderr and "not covered by the differential-privacy" in stderr
+    assert "wall time" in stdout and "(private)" in stdout
+    report = read_report(out)  # the report stays public either way
+    assert not IN_REPORT & set(report) and "show_private_diagnostics" not in report["config"]
+
+
 def test_interrupt_then_resume_finishes_the_same_run(tmp_path, monkeypatch, capsys):
     releases = []
+    import zoprivacy.run.plan as plan_module
     import zoprivacy.run.private as private_module
 
     real_release = private_module.release_size
@@ -211,7 +253,9 @@ def test_interrupt_then_resume_finishes_the_same_run(tmp_path, monkeypatch, caps
         releases.append(args)
         return real_release(*args, **kwargs)
 
-    monkeypatch.setattr(private_module, "release_size", counting_release)
+    for module in (private_module, plan_module):  # wherever make_private releases ñ from
+        if hasattr(module, "release_size"):
+            monkeypatch.setattr(module, "release_size", counting_release)
     real_step = _train.ZerothOrderTrainer.step
 
     def step_then_ctrl_c(self, batch):
@@ -532,7 +576,14 @@ def test_each_method_runs_on_the_tiny_configuration(tmp_path, method):
         assert "not differentially private" in (out / "README.md").read_text()
     if method == "dpzo":
         assert report["directions"] == 1
+        assert "exact discrete Gaussian" in report["noise"]
     if method == "dpadamw":
+        # defect 3: Opacus's noise is stated exactly (a Mersenne Twister seeded from secrets)
+        card = " ".join((out / "README.md").read_text().split())
+        for text in (report["noise"], card):
+            assert "Mersenne Twister" in text and "63 bits" in text and "secrets" in text
+            assert "not a cryptographically secure generator" in text
+            assert "OS entropy)" in text and "noise was generated from OS entropy" not in text
         ckpt = checkpoint_of(out)["training"]
         assert ckpt["steps_done"] == 4
         assert [h["mechanism"] for h in ckpt["accountant"]["history"]] == [
@@ -590,6 +641,12 @@ def test_dpadamw_resumes_without_a_second_release(tmp_path, monkeypatch):
         (["--trainable", "head+middle"], "--trainable"),
         (["--method", "dpzo", "--directions", "4"], "dpzo"),
         (["--steps", "0"], "--steps"),
+        (["--directions", "0"], "--directions must be an int >= 1, got 0"),
+        (["--directions", "-4"], "--directions must be an int >= 1, got -4"),
+        (["--method", "mezo", "--directions", "0"], "--directions must be an int >= 1"),
+        (["--delta", "-1e-5"], "--delta must be in (0, 1), got -1e-05"),
+        (["--epsilon", "-1e-3"], "--epsilon must be > 0"),
+        (["--method", "adamw", "--clip-norm", "1"], "--clip-norm does not apply"),
         # step options: each error names the option and the fix
         (["--mask", "magnitude:0"], "--mask"),
         (["--mask", "magnitude:1.5"], "(0, 1]"),

@@ -15,7 +15,9 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from zoprivacy import checks as check
 from zoprivacy.accounting import OrderRangeWarning, calibrate, epsilon_and_order
 from zoprivacy.accounting.pld import pld_epsilon
 
@@ -23,32 +25,50 @@ from zoprivacy.accounting.pld import pld_epsilon
 _EXTRA_COMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
 
-def _pld_or_none(skip: bool, **run: object) -> float | None:
-    """ε of ``run`` by the PLD accountant, or None when skipped or dp-accounting is missing."""
-    if skip:
-        return None
+def pld_epsilon_or_none(**run: Any) -> float | None:
+    """ε of ``run`` (:func:`zoprivacy.accounting.pld.pld_epsilon`'s arguments) by the PLD
+    accountant, or None when dp-accounting is not installed."""
     try:
-        return pld_epsilon(**run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pld_epsilon(**run)
     except ImportError:
         return None
 
 
-def _fmt(value: float | None) -> str:
+#: What a table shows for a value that is None, by key (the JSON output has null).
+_NOT_COMPUTED = {
+    "laplace_scale": "none (no size release: --laplace-scale not given)",
+    "epsilon_pld": "n/a (pip install dp-accounting)",
+}
+
+
+def _fmt(value: object, key: str = "", *, no_pld: bool = False) -> str:
     if value is None:
-        return "n/a (pip install dp-accounting)"
-    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
-        return str(value)
-    return f"{value:.6g}"
+        if key == "epsilon_pld" and no_pld:
+            return "not computed (--no-pld)"
+        return _NOT_COMPUTED.get(key, "none")
+    if isinstance(value, float):
+        return str(value) if math.isinf(value) or math.isnan(value) else f"{value:.6g}"
+    return str(value)
 
 
-def _print_table(rows: list[tuple[str, object]]) -> None:
+def _print_table(rows: list[tuple[str, object]], *, no_pld: bool = False) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        text = _fmt(value) if isinstance(value, float) or value is None else str(value)
-        print(f"{key:<{width}}  {text}")
+        print(f"{key:<{width}}  {_fmt(value, key, no_pld=no_pld)}")
+
+
+def _check_flags(args: argparse.Namespace, *names: str) -> None:
+    """Check the values of ``names`` with :mod:`zoprivacy.checks`, naming the flag on error."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            getattr(check, name)(value, "--" + name.replace("_", "-"))
 
 
 def _cmd_epsilon(args: argparse.Namespace) -> dict:
+    _check_flags(args, "noise_multiplier", "sample_rate", "steps", "delta", "laplace_scale")
     run = {
         "noise_multiplier": args.noise_multiplier,
         "laplace_scale": args.laplace_scale,
@@ -59,15 +79,15 @@ def _cmd_epsilon(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OrderRangeWarning)
         eps, order = epsilon_and_order(**run)
-    return {
-        **run,
-        "epsilon_rdp": eps,
-        "epsilon_pld": _pld_or_none(args.no_pld, **run),
-        "best_order": order,
-    }
+    pld = None if args.no_pld else pld_epsilon_or_none(**run)
+    return {**run, "epsilon_rdp": eps, "epsilon_pld": pld, "best_order": order}
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> dict:
+    _check_flags(args, "epsilon", "delta", "sample_rate", "size_fraction")
+    if args.steps < 1:  # with no step there is nothing to calibrate (σ would come out 0)
+        raise ValueError(f"--steps must be an int >= 1 (the steps σ is calibrated for), got "
+                         f"{args.steps}")  # fmt: skip
     plan = calibrate(
         epsilon=args.epsilon,
         delta=args.delta,
@@ -75,15 +95,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict:
         steps=args.steps,
         size_fraction=args.size_fraction,
     )
-    pld = _pld_or_none(
-        args.no_pld,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        delta=plan.delta,
-        laplace_scale=plan.laplace_scale,
-    )
-    return {
+    facts = {
         "target_epsilon": plan.target_epsilon,
         "delta": plan.delta,
         "sample_rate": plan.sample_rate,
@@ -91,10 +103,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict:
         "size_fraction": plan.size_fraction,
         "noise_multiplier": plan.noise_multiplier,
         "laplace_scale": plan.laplace_scale,
-        "epsilon_rdp": plan.epsilon,
-        "epsilon_pld": pld,
-        "best_order": plan.best_order,
     }
+    keys = ("noise_multiplier", "sample_rate", "steps", "delta", "laplace_scale")
+    pld = None if args.no_pld else pld_epsilon_or_none(**{k: facts[k] for k in keys})
+    return {**facts, "epsilon_rdp": plan.epsilon, "epsilon_pld": pld,
+            "best_order": plan.best_order}  # fmt: skip
 
 
 def _json_safe(value: object) -> object:
@@ -153,10 +166,32 @@ def register_command(name: str, add_arguments: Callable, run: Callable) -> None:
     _EXTRA_COMMANDS[name] = (add_arguments, run)
 
 
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--delta -1e-5`` as ``--delta=-1e-5``: argparse takes a token such as ``-1e-5`` for an
+    option and says "expected one argument"; joined, the value check names the problem."""
+    out: list[str] = []
+    for token in argv:
+        previous = out[-1] if out else ""
+        if _is_number(token) and token.startswith("-") and previous.startswith("--"):
+            if "=" not in previous:
+                out[-1] = f"{previous}={token}"
+                continue
+        out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _load_optional_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         result = args.run(args)
     except (ValueError, TypeError, ImportError, RuntimeError) as exc:
@@ -167,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "json", False):
         print(json.dumps({k: _json_safe(v) for k, v in result.items()}, indent=2))
     else:
-        _print_table(list(result.items()))
+        _print_table(list(result.items()), no_pld=getattr(args, "no_pld", False))
     return 0
 
 
@@ -187,4 +222,8 @@ def _load_optional_commands() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m zoprivacy.cli`: run the imported module, where zoprivacy.finetune registers its
+    # sub-command (this file's __main__ copy would not see it)
+    from zoprivacy.cli import main as _main
+
+    sys.exit(_main())

@@ -6,7 +6,8 @@ Importing this package registers the sub-command with :mod:`zoprivacy.cli`::
     zoprivacy finetune --method dpadamw      # the first-order baseline, same accounting
     zoprivacy finetune --output DIR --resume # continue an interrupted run
 
-From Python, :func:`main` takes the same arguments as the command line. See
+From Python, :func:`main` takes the same arguments as the command line. The options are declared
+once, in :data:`OPTIONS` (:mod:`zoprivacy.finetune._options`). See
 :mod:`zoprivacy.finetune._outputs` for what the output folder holds.
 """
 
@@ -15,31 +16,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from zoprivacy.cli import register_command
-from zoprivacy.finetune._job import (
+from zoprivacy.finetune._config import resolve_config
+from zoprivacy.finetune._job import add_arguments, run
+from zoprivacy.finetune._methods import METHOD_DEFAULTS, METHODS, TRAINABLE_DEFAULTS
+from zoprivacy.finetune._options import (
     COMMON_DEFAULTS,
-    METHOD_DEFAULTS,
-    TRAINABLE_DEFAULTS,
+    OPTIONS,
     FinetuneConfig,
-    add_arguments,
-    resolve_config,
-    run,
+    Option,
+    TrainSettings,
+    train_settings,
 )
 from zoprivacy.finetune._setup import MODELS, TASKS, SetupError
-from zoprivacy.finetune._train import METHODS
+from zoprivacy.finetune._train import make_trainer
 
 __all__ = [
     "COMMON_DEFAULTS",
     "METHODS",
     "METHOD_DEFAULTS",
     "MODELS",
+    "OPTIONS",
     "TASKS",
     "TRAINABLE_DEFAULTS",
     "FinetuneConfig",
+    "Option",
     "SetupError",
+    "TrainSettings",
     "add_arguments",
     "main",
+    "make_trainer",
     "resolve_config",
     "run",
+    "train_settings",
 ]
 
 register_command("finetune", add_arguments, run)

@@ -1,52 +1,80 @@
-"""The step options of ``zoprivacy finetune``: directions, differences, perturbation path,
-batched directions, DP-ZOPO masks (``--mask``) and DP-ZOSO stages (``--stage``).
+"""The options of ``zoprivacy finetune``, declared once.
 
-They map one to one onto :class:`zoprivacy.DPAggZO`'s keyword options (see
-``benchmarks/README_speed.md``) and apply to the zeroth-order methods only. In ``config.json``
-they are saved in a normal form (the mask as a dict, the stages resolved: every stage with all
-its values), so that ``--resume`` can compare what the user passes again with the saved run.
+:data:`OPTIONS` is the one table of the job's options: name, type, default, help text, the
+methods that accept it, and whether it defines the run (saved in ``config.json`` and fixed on
+``--resume``). Everything else is built from it: the command-line arguments
+(:func:`add_arguments`), the resolved configuration (:class:`FinetuneConfig`, what
+``config.json`` and ``report.json`` hold), and the trainers' settings (:class:`TrainSettings`).
+
+The zeroth-order step options (directions, differences, perturbation path, batched directions,
+DP-ZOPO masks ``--mask`` and DP-ZOSO stages ``--stage``) map one to one onto
+:class:`zoprivacy.DPAggZO`'s keyword options (see ``benchmarks/README_speed.md``); their parsing
+is in :mod:`zoprivacy.finetune._step_options`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+import argparse
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from zoprivacy.optim.directions import DIRECTION_KINDS
-from zoprivacy.optim.masks import MagnitudeMask, RandomMask
 from zoprivacy.optim.optimizer import DIFFERENCES
-from zoprivacy.optim.perturb import PERTURBATION_PATHS as PERTURBATIONS
-from zoprivacy.optim.schedules import Stagewise
+from zoprivacy.optim.perturb import PERTURBATION_PATHS
 
-from ._setup import SetupError
+from ._methods import METHODS, PRIVATE_METHODS, ZO_METHODS
+from ._setup import MODELS, TASKS
 
-ZO_METHODS = ("dpaggzo", "dpzo", "mezo")
+#: The argument group of the zeroth-order step options.
+STEP_GROUP = "zeroth-order step options (dpaggzo, dpzo, mezo)"
 
-#: Step options (config.json keys) and their values for the zeroth-order methods when not given.
-#: Other methods save None for each (they do not apply).
-STEP_DEFAULTS: dict[str, Any] = {
-    "direction_distribution": "gaussian",
-    "difference": "central",
-    "perturbation": "auto",
-    "batched_directions": None,
-    "mask": None,
-    "stages": [],
-}
+_REQUIRED = object()  # a trainer setting without a fallback
+_NOT_TRAINER = object()  # not a trainer setting
 
-#: The command-line spelling of each step option.
-FLAGS = {
-    "direction_distribution": "--direction-distribution",
-    "difference": "--difference",
-    "perturbation": "--perturbation",
-    "batched_directions": "--batched-directions",
-    "mask": "--mask",
-    "stages": "--stage",
-}
 
-#: Hyper-parameters a stage may change, by their config.json name (stage syntax uses the
-#: command-line names: directions, clip-norm, lr, perturbation-scale).
-STAGE_KEYS = ("directions", "clip_norm", "lr", "perturbation_scale")
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of the job.
+
+    Attributes:
+        name: the configuration key (``config.json``, :class:`FinetuneConfig`).
+        help: the ``--help`` text.
+        type: the value's type (argparse converts the command-line text with it).
+        default: the value when not given; ``None`` when it depends on the method, model or task
+            (resolved in :mod:`zoprivacy.finetune._config`).
+        saved: the option defines the run: saved in ``config.json``, fixed on ``--resume``.
+        methods: the methods that accept it (given with another method, it is refused).
+        switch: a flag without a value (``--no-cache``); giving it sets ``not default``.
+        trainer: the trainers' fallback for a ``None`` value (``_REQUIRED``: none;
+            ``_NOT_TRAINER``: not a :class:`TrainSettings` field).
+        group: the ``--help`` section (``None``: the main one).
+        flag: the command-line spelling (default ``--name-with-dashes``).
+        argparse: further ``add_argument`` keywords (choices, metavar, action, dest).
+    """
+
+    name: str
+    help: str
+    type: type = str
+    default: Any = None
+    saved: bool = True
+    methods: tuple[str, ...] = METHODS
+    switch: bool = False
+    trainer: Any = _NOT_TRAINER
+    group: str | None = None
+    flag: str = ""
+    argparse: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def cli(self) -> str:
+        """The command-line flag."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the option under."""
+        return self.argparse.get("dest", self.cli[2:].replace("-", "_"))
+
 
 MASK_HELP = (
     "DP-ZOPO: perturb and update only a fraction of each trainable tensor's coordinates. "
@@ -61,282 +89,164 @@ STAGE_HELP = (
     "stage's value, so c does not follow a new K unless clip-norm is given; repeat for more "
     "stages, S increasing). σ stays the calibrated constant, so the accounting is unchanged"
 )
+PRIVATE_DIAGNOSTICS_HELP = (
+    "also print the training loss and clip fraction on the progress bar and the wall time and "
+    "peak memory at the end. They are computed from the private data without noise and are NOT "
+    "covered by the guarantee (by default only the step and ε spent are shown)"
+)
+
+_O = Option
+_ZO = ZO_METHODS
+_DIRECTIONS_METHODS = ("dpaggzo", "dpzo", "mezo")
+_CLIP_METHODS = PRIVATE_METHODS
+_STEP: dict[str, Any] = {"group": STEP_GROUP, "methods": _ZO}
+
+#: Every option of ``zoprivacy finetune``, in ``--help`` order.
+OPTIONS: tuple[Option, ...] = (
+    _O("method", f"{' | '.join(METHODS)} (default dpaggzo)", default="dpaggzo",
+       trainer=_REQUIRED),
+    _O("model", f"{' | '.join(MODELS)} (default minilm)", default="minilm"),
+    _O("task", f"{' | '.join(TASKS)} (default bbc_news)", default="bbc_news"),
+    _O("epsilon", "target ε > 0 of the private methods (default 2)", float, 2.0,
+       trainer=_REQUIRED),
+    _O("delta", "δ in (0, 1) (default 1e-5)", float, 1e-5, trainer=_REQUIRED),
+    _O("directions", "K, directions per step (dpaggzo 64, mezo 16, dpzo 1)", int,
+       methods=_DIRECTIONS_METHODS, trainer=1),
+    _O("clip_norm", "clip norm c (dpaggzo: 0.8/√K; dpzo: 0.8; dpadamw: per-sample gradient "
+       "norm 1.0)", float, methods=_CLIP_METHODS, trainer=float("inf")),
+    _O("lr", "learning rate η (dpaggzo and dpzo 1.0, mezo 0.3, dpadamw and adamw 0.01)", float,
+       trainer=_REQUIRED),
+    _O("steps", "number of steps T (default 1000)", int, trainer=_REQUIRED),
+    _O("batch_size", "expected batch size b = q·ñ (default 64)", float, 64.0,
+       trainer=_REQUIRED),
+    _O("perturbation_scale", "φ of the zeroth-order methods (default 1e-3)", float, 1e-3,
+       trainer=_REQUIRED),
+    _O("weight_decay", "decoupled weight decay (default 0)", float, 0.0, trainer=_REQUIRED),
+    _O("trainable", "what to train: classifier, head, lastN, all, joined with '+' (minilm "
+       "default classifier; smollm2 default head = final norm)"),
+    _O("threads", "torch CPU threads (default 1)", int, 1, saved=False),
+    _O("seed", "public seed: split, head initialisation, directions (default 0)", int, 0,
+       trainer=_REQUIRED),
+    _O("max_length", "tokens per record (rotten_tomatoes 64, bbc_news 128)", int),
+    _O("train_per_class", "training records per class (default 512)", int, 512),
+    _O("test_size", "held-out test records (rotten_tomatoes 1000, bbc_news 500)", int),
+    _O("validation_size", "records carved from the training data (public seed) for model "
+       "selection; the private run does not train on them and report.json gives their "
+       "accuracy, which the privacy guarantee does not cover (default 0: none)", int, 0),
+    _O("output", "output folder (default runs/<timestamp>)", saved=False,
+       argparse={"metavar": "DIR"}),
+    _O("resume", "continue the interrupted run in --output DIR", bool, False, saved=False,
+       switch=True),
+    _O("pld", "skip the PLD accountant's ε (faster)", bool, True, saved=False, switch=True,
+       flag="--no-pld"),
+    _O("cache", "run the full model in every loss evaluation instead of caching the frozen "
+       "prefix", bool, True, switch=True, flag="--no-cache"),
+    _O("checkpoint_every", "save a checkpoint every N steps (default 100)", int, 100,
+       saved=False),
+    _O("progress", "no progress bar", bool, True, saved=False, switch=True,
+       flag="--no-progress"),
+    _O("show_private_diagnostics", PRIVATE_DIAGNOSTICS_HELP, bool, False, saved=False,
+       switch=True),
+    _O("direction_distribution", "distribution of the directions z: gaussian (default, as in "
+       "the paper) or rademacher (uniform ±1, cheaper to generate; both have E[zzᵀ] = I)",
+       default="gaussian", trainer="gaussian", argparse={"choices": DIRECTION_KINDS}, **_STEP),
+    _O("difference", "central (default): (L(θ+φz) − L(θ−φz))/2φ, 2K forward passes; forward: "
+       "(L(θ+φz) − L(θ))/φ, K + 1 passes (same clipping and privacy)", default="central",
+       trainer="central", argparse={"choices": DIFFERENCES}, **_STEP),
+    _O("perturbation", "how θ ± φz is evaluated: auto (default; zero drift, in place only "
+       "where a tensor cannot be substituted), hooks (substitution everywhere), inplace (the "
+       "paper's writes)", default="auto", trainer="auto",
+       argparse={"choices": PERTURBATION_PATHS}, **_STEP),
+    _O("batched_directions", "evaluate M directions per vmapped call over stacked perturbed "
+       "copies of the trainable tensors (faster for small trainable sets; memory grows with M)",
+       int, trainer=None, argparse={"metavar": "M"}, **_STEP),
+    _O("mask", MASK_HELP, dict, trainer=None, argparse={"metavar": "SPEC", "type": str},
+       **_STEP),
+    _O("stages", STAGE_HELP, list, [], trainer=[], flag="--stage",
+       argparse={"action": "append", "dest": "stages", "metavar": "S:KEY=V,...", "type": str},
+       **_STEP),
+)  # fmt: skip
+
+BY_NAME = {o.name: o for o in OPTIONS}
+#: Options whose values define the run: on --resume they come from config.json.
+RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.saved)
+#: The zeroth-order step options and their values when not given (None for other methods).
+STEP_DEFAULTS = {o.name: o.default for o in OPTIONS if o.group == STEP_GROUP}
+#: Defaults that do not depend on the method, model or task.
+COMMON_DEFAULTS = {
+    o.name: o.default
+    for o in OPTIONS
+    if o.default is not None and o.group is None and not o.switch and o.name != "output"
+}
+#: Run options added after the first release: an older config.json gets the value a new run of
+#: its method would have.
+ADDED_OPTIONS = ("validation_size", *STEP_DEFAULTS)
 
 
-def add_step_arguments(parser: Any) -> None:
-    """The step options of ``zoprivacy finetune`` (zeroth-order methods only)."""
-    a = parser.add_argument
-    a(
-        "--direction-distribution",
-        choices=DIRECTION_KINDS,
-        help="distribution of the directions z: gaussian (default, as in the paper) or "
-        "rademacher (uniform ±1, cheaper to generate; both have E[zzᵀ] = I)",
-    )
-    a(
-        "--difference",
-        choices=DIFFERENCES,
-        help="central (default): (L(θ+φz) − L(θ−φz))/2φ, 2K forward passes; forward: "
-        "(L(θ+φz) − L(θ))/φ, K + 1 passes (same clipping and privacy)",
-    )
-    a(
-        "--perturbation",
-        choices=PERTURBATIONS,
-        help="how θ ± φz is evaluated: auto (default; zero drift, in place only where a tensor "
-        "cannot be substituted), hooks (substitution everywhere), inplace (the paper's writes)",
-    )
-    a(
-        "--batched-directions",
-        type=int,
-        metavar="M",
-        help="evaluate M directions per vmapped call over stacked perturbed copies of the "
-        "trainable tensors (faster for small trainable sets; memory grows with M)",
-    )
-    a("--mask", metavar="SPEC", help=MASK_HELP)
-    a("--stage", action="append", dest="stages", metavar="S:KEY=V,...", help=STAGE_HELP)
+def flag(name: str) -> str:
+    """The command-line spelling of the option ``name``."""
+    return BY_NAME[name].cli if name in BY_NAME else "--" + name.replace("_", "-")
 
 
-# ---------------------------------------------------------------------------------------------
-# parsing (what the user gave, in normal form)
-# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``zoprivacy finetune`` (argparse defaults are all None: not given)."""
+    groups: dict[str | None, Any] = {None: parser}
+    for o in OPTIONS:
+        if o.group not in groups:
+            groups[o.group] = parser.add_argument_group(o.group)
+        if o.switch:
+            groups[o.group].add_argument(o.cli, action="store_true", help=o.help)
+            continue
+        kwargs: dict[str, Any] = {"help": o.help}
+        if o.type in (int, float):
+            kwargs["type"] = o.type
+        kwargs.update(o.argparse)
+        groups[o.group].add_argument(o.cli, **kwargs)
 
 
-def _number(flag: str, text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SetupError(f"{flag}: {what} must be a number, got {text!r}") from None
-    return value
+def _dataclass(name: str, fields: list[tuple], doc: str, **namespace: Any) -> type:
+    cls = dataclasses.make_dataclass(name, fields, namespace=namespace)
+    cls.__module__ = __name__
+    cls.__doc__ = doc
+    return cls
 
 
-def _integer(flag: str, text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise SetupError(f"{flag}: {what} must be an integer, got {text!r}") from None
+def _run_dict(self: Any) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in RUN_OPTIONS}
 
 
-def parse_mask(text: str) -> dict[str, Any]:
-    """``magnitude:F[:smallest|largest]`` or ``random:F[:EVERY]`` as a dict (config.json form)."""
-    usage = "use magnitude:F[:smallest] or random:F[:EVERY], F the kept fraction in (0, 1]"
-    parts = str(text).strip().split(":")
-    kind = parts[0].lower()
-    if kind not in ("magnitude", "random") or len(parts) not in (2, 3):
-        raise SetupError(f"--mask {text!r} is not a mask: {usage}")
-    density = _number("--mask", parts[1], "the kept fraction F")
-    if kind == "magnitude":
-        largest = True
-        if len(parts) == 3:
-            if parts[2].lower() not in ("smallest", "largest"):
-                raise SetupError(
-                    f"--mask {text!r}: the third field of a magnitude mask is smallest or "
-                    "largest (default largest)"
-                )
-            largest = parts[2].lower() == "largest"
-        return {"type": "magnitude", "density": density, "largest": largest}
-    every = _integer("--mask", parts[2], "EVERY") if len(parts) == 3 else 1
-    return {"type": "random", "density": density, "every": every}
+FinetuneConfig = _dataclass(
+    "FinetuneConfig",
+    [(o.name, o.type | None) for o in OPTIONS if o.name != "resume"],
+    "The resolved configuration of a run (``config.json`` holds its run options).",
+    private=property(lambda self: self.method in PRIVATE_METHODS),
+    run_dict=_run_dict,
+)
 
 
-def parse_stage(text: str) -> dict[str, Any]:
-    """``S:key=value,...`` as ``{"from_step": S, key: value, ...}`` (only the keys given)."""
-    usage = "use S:KEY=V[,KEY=V...] with KEY in directions, clip-norm, lr, perturbation-scale"
-    start, sep, body = str(text).partition(":")
-    if not sep or not body.strip():
-        raise SetupError(f"--stage {text!r}: {usage}, e.g. --stage 500:lr=0.5")
-    stage: dict[str, Any] = {"from_step": _integer("--stage", start.strip(), "the first step S")}
-    for item in body.split(","):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower().replace("-", "_")
-        if key in ("k", "num_directions"):
-            key = "directions"
-        if key in ("noise_multiplier", "sigma", "epsilon"):
-            raise SetupError(
-                f"--stage {text!r}: the noise multiplier σ is calibrated to the (ε, δ) budget as "
-                "one constant for every step and cannot change per stage; drop it"
-            )
-        if not eq or key not in STAGE_KEYS:
-            raise SetupError(f"--stage {text!r}: {item.strip()!r} is not KEY=V; {usage}")
-        if key in stage:
-            raise SetupError(f"--stage {text!r}: {key.replace('_', '-')} is given twice")
-        flag = f"--stage {text!r}"
-        what = key.replace("_", "-")
-        stage[key] = (
-            _integer(flag, value.strip(), what)
-            if key == "directions"
-            else _number(flag, value.strip(), what)
-        )
-    return stage
+def _trainer_field(o: Option) -> tuple:
+    if o.trainer is _REQUIRED:
+        return (o.name, o.type)
+    if isinstance(o.trainer, list):
+        return (o.name, o.type, dataclasses.field(default_factory=list))
+    return (o.name, o.type | None, dataclasses.field(default=o.trainer))
 
 
-def given_step_options(args: Any) -> dict[str, Any]:
-    """The step options the user gave (normal form), for ``_given``."""
-    given: dict[str, Any] = {}
-    for key in ("direction_distribution", "difference", "perturbation", "batched_directions"):
-        value = getattr(args, key, None)
-        if value is not None:
-            given[key] = value
-    mask = getattr(args, "mask", None)
-    if mask is not None:
-        given["mask"] = parse_mask(mask)
-    stages = getattr(args, "stages", None)
-    if stages:
-        given["stages"] = [parse_stage(s) for s in stages]
-    return given
+_TRAINER = [o for o in OPTIONS if o.trainer is not _NOT_TRAINER]
+TrainSettings = _dataclass(
+    "TrainSettings",
+    [_trainer_field(o) for o in sorted(_TRAINER, key=lambda o: o.trainer is not _REQUIRED)],
+    "The hyper-parameters a trainer needs (already resolved and validated); a ``None`` "
+    "option of the configuration becomes its fallback (K = 1, c = ∞, gaussian, ...).",
+)
 
 
-# ---------------------------------------------------------------------------------------------
-# defaults, resolution and validation
-# ---------------------------------------------------------------------------------------------
-
-
-def step_defaults(values: dict[str, Any], given: Mapping[str, Any]) -> None:
-    """Fill in the step options of ``values`` (after method, K, c, lr, φ, steps are resolved);
-    options that do not apply to the method are refused."""
-    method = values["method"]
-    if method not in ZO_METHODS:
-        for key in STEP_DEFAULTS:
-            if key in given:
-                raise SetupError(
-                    f"{FLAGS[key]} does not apply to --method {method}: it is an option of the "
-                    f"zeroth-order methods ({', '.join(ZO_METHODS)}); drop it"
-                )
-            values[key] = None
-        return
-    for key, default in STEP_DEFAULTS.items():
-        if key != "stages":
-            values[key] = given.get(key, default)
-    values["stages"] = resolve_stages(given.get("stages", []), values)
-
-
-def resolve_stages(raw: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) -> list[dict]:
-    """Every stage with all its values: a key not given keeps the previous stage's value; stage
-    0 is the run's own --directions, --clip-norm, --lr and --perturbation-scale."""
-    method = base["method"]
-    previous = {key: base[key] for key in STAGE_KEYS}
-    resolved = []
-    for stage in raw:
-        if method == "dpzo" and "directions" in stage:
-            raise SetupError("--stage: --method dpzo uses one direction (K = 1); drop directions=")
-        if method == "mezo" and "clip_norm" in stage:
-            raise SetupError(
-                "--stage: --method mezo does not clip (clip-norm does not apply); drop clip-norm="
-            )
-        current = {**previous, **{k: v for k, v in stage.items() if k != "from_step"}}
-        resolved.append({"from_step": stage["from_step"], **current})
-        previous = current
-    return resolved
-
-
-def validate_step_options(cfg: Any) -> None:
-    """Check the step options of a resolved configuration; one-line errors naming the fix."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise SetupError(message)
-
-    if cfg.method not in ZO_METHODS:
-        return
-    need(
-        cfg.direction_distribution in DIRECTION_KINDS,
-        f"--direction-distribution must be one of {', '.join(DIRECTION_KINDS)}, "
-        f"got {cfg.direction_distribution!r}",
-    )
-    need(
-        cfg.difference in DIFFERENCES,
-        f"--difference must be central or forward, got {cfg.difference!r}",
-    )
-    need(
-        cfg.perturbation in PERTURBATIONS,
-        f"--perturbation must be one of {', '.join(PERTURBATIONS)}, got {cfg.perturbation!r}",
-    )
-    m = cfg.batched_directions
-    if m is not None:
-        need(isinstance(m, int) and m >= 1, f"--batched-directions must be an int >= 1, got {m!r}")
-        need(
-            cfg.perturbation != "inplace",
-            "--batched-directions evaluates stacked perturbed copies and cannot be combined "
-            "with --perturbation inplace; use --perturbation auto or hooks",
-        )
-    if cfg.mask is not None:
-        density = cfg.mask.get("density")
-        need(
-            isinstance(density, float) and 0.0 < density <= 1.0,
-            f"--mask: the kept fraction must be in (0, 1], got {density!r} "
-            "(e.g. --mask magnitude:0.1 keeps 10%)",
-        )
-        if cfg.mask["type"] == "random":
-            every = cfg.mask.get("every")
-            need(
-                isinstance(every, int) and every >= 1,
-                f"--mask random:F:EVERY: EVERY must be an int >= 1, got {every!r}",
-            )
-    last = 0
-    for stage in cfg.stages:
-        start = stage["from_step"]
-        need(
-            start > last,
-            f"--stage {start}: stages must start at increasing steps >= 1 (after {last}); "
-            "give them in order",
-        )
-        need(
-            start < cfg.steps,
-            f"--stage {start}: the run has only {cfg.steps} steps (0 to {cfg.steps - 1}); "
-            "start the stage earlier or raise --steps",
-        )
-        last = start
-        k = stage["directions"]
-        need(isinstance(k, int) and k >= 1, f"--stage {start}: directions must be >= 1, got {k}")
-        for key in ("lr", "perturbation_scale") + (("clip_norm",) if cfg.private else ()):
-            value = stage[key]
-            need(
-                isinstance(value, float | int) and math.isfinite(value) and value > 0,
-                f"--stage {start}: {key.replace('_', '-')} must be a number > 0, got {value}",
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# building the optimizer's options
-# ---------------------------------------------------------------------------------------------
-
-
-def build_mask(spec: Mapping[str, Any] | None, seed: int) -> MagnitudeMask | RandomMask | None:
-    """The DP-ZOPO mask of a config.json mask entry (random masks use the public ``seed``)."""
-    if spec is None:
-        return None
-    if spec["type"] == "magnitude":
-        return MagnitudeMask(spec["density"], largest=spec["largest"])
-    return RandomMask(spec["density"], seed=seed, every=spec["every"])
-
-
-def schedule(stages: Sequence[Mapping[str, Any]], key: str, first: Any) -> Any | Stagewise | None:
-    """``first`` if no stage changes ``key``, else a :class:`Stagewise` over the stages."""
-    values = [first, *(s[key] for s in stages)]
-    if all(v == first for v in values):
-        return first
-    return Stagewise([s["from_step"] for s in stages], values)
-
-
-def step_report(cfg: Any, trainer: Any) -> dict[str, Any]:
-    """The step options for ``report.json`` (None for methods they do not apply to), with the
-    perturbation path that actually ran (``"hooks"``, ``"mixed"``, ``"inplace"``, ``"batched"``).
-    """
-    if cfg.method not in ZO_METHODS:
-        return {key: None for key in (*STEP_DEFAULTS, "perturbation_path", "inplace_tensors")}
-    optimizer = getattr(trainer, "optimizer", None)
-    mask = None if cfg.mask is None else dict(cfg.mask)
-    if mask is not None and mask["type"] == "random":
-        mask["seed"] = cfg.seed  # public: the run's --seed
-    stages = None
-    if cfg.stages:
-        first = {"from_step": 0, **{k: getattr(cfg, k) for k in STAGE_KEYS}}
-        stages = [first, *cfg.stages]
-    return {
-        "direction_distribution": cfg.direction_distribution,
-        "difference": cfg.difference,
-        "perturbation": cfg.perturbation,
-        "perturbation_path": None if optimizer is None else optimizer.perturbation_path,
-        "inplace_tensors": None if optimizer is None else list(optimizer.inplace_tensors),
-        "batched_directions": cfg.batched_directions,
-        "mask": mask,
-        "stages": stages,
-    }
+def train_settings(cfg: Any) -> Any:
+    """The :class:`TrainSettings` of a resolved configuration."""
+    values = {}
+    for o in _TRAINER:
+        value = getattr(cfg, o.name)
+        if value is None and o.trainer is not _REQUIRED:
+            value = list(o.trainer) if isinstance(o.trainer, list) else o.trainer
+        values[o.name] = value
+    return TrainSettings(**values)

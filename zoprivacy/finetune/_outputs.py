@@ -5,19 +5,21 @@ Layout of the output folder::
     DIR/
       config.json                    the resolved configuration (used by --resume)
       checkpoint.pt                  resumable training state (parameters, optimizer, accountant, ñ)
-      state.json                     per-session bookkeeping (accuracy before, wall time)
-      report.json                    the public summary: accuracies, ε, σ, ψ, q, T, time, memory
+      state.json                     per-session bookkeeping (accuracy before, steps run)
+      report.json                    the public summary: accuracies, ε, σ, ψ, q, T, the noise
       trainable_weights.safetensors  the fine-tuned trainable tensors
       README.md                      the model card, with the privacy guarantee
       diagnostics/                   NON-PRIVATE: do not share with the weights
         README.txt
         history.jsonl                one line per step: loss, clip fraction, clipping errors, |B|
         training.png                 loss, clip fraction and batch clipping error per step
+        resources.json               wall time and peak memory of each session and of the run
 
 The per-step loss, clip fraction, clipping errors and batch size are computed from the private
-training batch *without noise*: they are diagnostics for whoever holds the data, outside the
-guarantee, and live in ``diagnostics/`` so that the folder can be left out when the weights are
-shared.
+training batch *without noise*, and the wall time and memory depend on the batch sizes (a timing
+side channel, ``docs/threat_model.md``): they are diagnostics for whoever holds the data, outside
+the guarantee, and live in ``diagnostics/`` so that the folder can be left out when the weights
+are shared. Nothing private is printed unless ``--show-private-diagnostics`` is given.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 DIAGNOSTICS_WARNING = (
     "NON-PRIVATE DIAGNOSTICS: the per-step loss, clip fraction, clipping errors and batch sizes "
-    "are computed from the private training batches without noise. They are not covered by the "
+    "are computed from the private training batches without noise, and the wall time and memory "
+    "in resources.json depend on the batch sizes. They are not covered by the "
     "differential-privacy guarantee and must not be published or shared with the weights."
 )
 
@@ -46,6 +49,7 @@ JOURNAL_FILE = "journal.jsonl"  # write-ahead journal of the private zeroth-orde
 DIAGNOSTICS_DIR = "diagnostics"
 HISTORY_FILE = f"{DIAGNOSTICS_DIR}/history.jsonl"
 PLOT_FILE = f"{DIAGNOSTICS_DIR}/training.png"
+RESOURCES_FILE = f"{DIAGNOSTICS_DIR}/resources.json"
 
 
 def json_safe(value: Any) -> Any:
@@ -69,13 +73,24 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    """Write ``text`` atomically (UTF-8)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+    _atomic(path, write)
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -119,6 +134,29 @@ class History:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def record_session(root: Path, session: Mapping[str, Any]) -> None:
+    """Append a session's steps, wall time and peak memory to ``diagnostics/resources.json``."""
+    path = root / RESOURCES_FILE
+    resources = read_json(path) if path.exists() else {"sessions": []}
+    resources["sessions"].append(dict(session))
+    write_json(path, resources)
+
+
+def finish_resources(root: Path, wall_seconds: float, peak_memory_mib: float) -> dict[str, Any]:
+    """Add the finished run's wall time (this session and all) and peak memory to
+    ``diagnostics/resources.json`` (private: timing is a side channel); returns its content."""
+    path = root / RESOURCES_FILE
+    resources = read_json(path) if path.exists() else {"sessions": []}
+    earlier = sum(s.get("wall_seconds", 0.0) for s in resources["sessions"][:-1])
+    resources.update(
+        wall_seconds=wall_seconds,
+        wall_seconds_all_sessions=earlier + wall_seconds,
+        peak_memory_mib=peak_memory_mib,
+    )
+    write_json(path, resources)
+    return resources
 
 
 def plot_history(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -188,16 +226,8 @@ def save_weights(state: Mapping[str, Any], path: Path, metadata: Mapping[str, An
     """The trainable tensors as safetensors (atomic), with string metadata."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(state), tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    meta = {k: str(v) for k, v in metadata.items()}
+    _atomic(path, lambda tmp: save_file(dict(state), tmp, metadata=meta))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -318,8 +348,8 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
             "included in ε;",
             f"- {r['steps']} Poisson-subsampled Gaussian steps with sample rate q = "
             f"{_fmt(r['sample_rate'])}, noise multiplier σ = {_fmt(r['noise_multiplier'])} and "
-            f"clip norm c = {_clip_norms(r)}; batches were drawn and the noise was "
-            "generated from OS entropy.",
+            f"clip norm c = {_clip_norms(r)}; the Poisson batches and the size noise were "
+            f"drawn from OS entropy, and {r.get('noise') or 'the step noise from OS entropy'}.",
             "",
             "What is public (not protected, and not needed to be): the pre-trained model and "
             "its tokenizer, the initialisation of the new head (seeded), the seed of the "
@@ -328,7 +358,8 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
             "",
             "Not covered: the test accuracies (computed on held-out test records, without noise) "
             "and anything in `diagnostics/` (per-step loss, clip fraction, clipping errors and "
-            "batch sizes of the private batches, without noise). **Do not share `diagnostics/` "
+            "batch sizes of the private batches, without noise; wall time and memory, which "
+            "depend on the batch sizes). **Do not share `diagnostics/` "
             "with the weights.** The default hyper-parameters of `zoprivacy finetune` were "
             "chosen by experiments on the packaged data sets; that choice is not accounted for.",
         ]
@@ -343,8 +374,9 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
         "## Files",
         "",
         f"- `{WEIGHTS_FILE}`: the trainable tensors, named as in the model's `named_parameters()`;",
-        f"- `{REPORT_FILE}`: the public summary (privacy parameters, accuracies, time, memory);",
-        f"- `{DIAGNOSTICS_DIR}/`: non-private training diagnostics (keep them to yourself).",
+        f"- `{REPORT_FILE}`: the public summary (privacy parameters, accuracies);",
+        f"- `{DIAGNOSTICS_DIR}/`: non-private training diagnostics, wall time and memory (keep "
+        "them to yourself).",
         "",
         "## Loading",
         "",

@@ -11,8 +11,10 @@ Every trainer exposes the same small surface to the job loop:
 Private methods (``dpaggzo``, ``dpzo``, ``dpadamw``) share one accounting: ψ = 1/(0.05·ε) for the
 release of ñ = n + Lap(ψ) (once), q = b/ñ, σ from :func:`zoprivacy.accounting.calibrate`, and a
 budgeted :class:`~zoprivacy.accounting.RDPAccountant` charged once per step *before* the step
-touches its batch. ``dpaggzo``/``dpzo`` get all of this from :func:`zoprivacy.make_private`;
-``dpadamw`` builds the same pieces around Opacus's ``GradSampleModule`` and ``DPOptimizer``.
+touches its batch, all sequenced by :func:`zoprivacy.run.plan.plan_run`. ``dpaggzo``/``dpzo``
+get it through :func:`zoprivacy.make_private`; ``dpadamw`` calls ``plan_run`` itself and puts
+Opacus's ``GradSampleModule`` and ``DPOptimizer`` around the plan (Opacus draws the noise:
+:data:`NOISE_OPACUS` says exactly how).
 
 The zeroth-order trainers pass the step options (directions, difference, perturbation path,
 batched directions, DP-ZOPO mask, DP-ZOSO stages; :mod:`zoprivacy.finetune._options`) to the
@@ -33,52 +35,41 @@ import torch
 import torch.nn.functional as F
 
 from zoprivacy import MeZO, make_private
-from zoprivacy.accounting import PrivacyPlan, RDPAccountant, calibrate
-from zoprivacy.data.poisson import (
-    PredictableSamplingWarning,
-    is_empty_batch,
-    poisson_loader,
-    release_size,
-)
+from zoprivacy.accounting import PrivacyPlan, RDPAccountant
+from zoprivacy.data.poisson import PredictableSamplingWarning, is_empty_batch, poisson_loader
 from zoprivacy.optim.optimizer import NotPrivateWarning
 from zoprivacy.run.journal import Recovery, StepJournal, charge_unreplayable, journal_for_resume
+from zoprivacy.run.plan import plan_run
 from zoprivacy.run.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
 
-from ._options import build_mask, schedule
+from ._methods import FIRST_ORDER_METHODS, METHODS, PRIVATE_METHODS, ZO_METHODS
+from ._options import TrainSettings
 from ._setup import Classifier
+from ._step_options import build_mask, schedule
 
-PRIVATE_METHODS = ("dpaggzo", "dpzo", "dpadamw")
-ZO_METHODS = ("dpaggzo", "dpzo", "mezo")
-FIRST_ORDER_METHODS = ("dpadamw", "adamw")
-METHODS = ("dpaggzo", "dpzo", "mezo", "dpadamw", "adamw", "zeroshot")
+__all__ = ["METHODS", "FirstOrderTrainer", "TrainSettings", "ZerothOrderTrainer", "make_trainer"]
 
 SIZE_FRACTION = 0.05  # share of ε spent on releasing ñ (the paper's choice)
 
 _FORMAT = "zoprivacy.finetune/1"
 
-
-@dataclasses.dataclass
-class TrainSettings:
-    """The hyper-parameters a trainer needs (already resolved and validated)."""
-
-    method: str
-    steps: int
-    lr: float
-    batch_size: float
-    directions: int
-    clip_norm: float
-    perturbation_scale: float
-    weight_decay: float
-    epsilon: float
-    delta: float
-    seed: int
-    direction_distribution: str = "gaussian"
-    difference: str = "central"
-    perturbation: str = "auto"
-    batched_directions: int | None = None
-    mask: dict[str, Any] | None = None  # config.json form (_options.parse_mask)
-    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # resolved stages
+#: How the step noise of the zeroth-order methods is drawn (model card, report.json "noise").
+NOISE_ZEROTH_ORDER = (
+    "the step noise is an exact discrete Gaussian drawn with integer arithmetic from the OS "
+    "CSPRNG (zoprivacy.noise.samplers) and added to the clipped sum rounded to its grid, so the "
+    "released values carry no floating-point leak"
+)
+#: How Opacus (1.x, secure_mode=False) draws DP-AdamW's gradient noise: ``_generate_noise`` in
+#: opacus/optimizers/optimizer.py calls ``torch.normal(0, std, size, generator=generator)``; the
+#: generator we pass is a CPU ``torch.Generator`` (torch's Mersenne Twister, mt19937) seeded once
+#: with ``secrets.randbits(63)``. Its outputs are floats added in floating point.
+NOISE_OPACUS = (
+    "the gradient noise is Opacus's, in its non-secure mode: float Gaussians from torch.normal "
+    "with a torch.Generator, i.e. torch's Mersenne Twister (mt19937, not a cryptographically "
+    "secure generator), seeded once with 63 bits from Python's secrets module (OS entropy), and "
+    "added in floating point (no protection against floating-point attacks on the noise)"
+)
 
 
 def _diag(
@@ -97,13 +88,11 @@ def _diag(
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# zeroth-order methods
-# ---------------------------------------------------------------------------------------------
+class _Trainer:
+    """What both families share: construction, the checkpoint envelope, the privacy facts."""
 
-
-class ZerothOrderTrainer:
-    """``dpaggzo`` / ``dpzo`` (through :func:`zoprivacy.make_private`) and ``mezo``."""
+    private: bool
+    sample_rate: float
 
     def __init__(
         self,
@@ -117,6 +106,42 @@ class ZerothOrderTrainer:
         self.classifier = classifier
         self.settings = settings
         self.private = settings.method in PRIVATE_METHODS
+        self._build(dataset, None if checkpoint is None else checkpoint["training"], journal)
+
+    def _build(self, dataset: Any, state: dict[str, Any] | None, journal: Any) -> None:
+        raise NotImplementedError
+
+    def _save(self, training: dict[str, Any], path: Any) -> None:
+        atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
+
+    @property
+    def privacy(self) -> dict[str, Any]:
+        """The public facts of the guarantee (σ, ψ, q, b, ñ, c, the noise), for the report."""
+        if not self.private:
+            return {"private": False, "sample_rate": self.sample_rate}
+        return self._privacy_facts()
+
+    def _privacy_facts(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _copy_params(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, saved, strict=True):
+            p.copy_(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# zeroth-order methods
+# ---------------------------------------------------------------------------------------------
+
+
+class ZerothOrderTrainer(_Trainer):
+    """``dpaggzo`` / ``dpzo`` (through :func:`zoprivacy.make_private`) and ``mezo``."""
+
+    def _build(self, dataset: Any, state: dict[str, Any] | None, journal: Any) -> None:
+        settings = self.settings
+        classifier = self.classifier
         self.last_stats: Any = None  # the StepStats of the last step (public fields: the path...)
         params = classifier.trainable_parameters()
         stages = settings.stages
@@ -149,7 +174,7 @@ class ZerothOrderTrainer:
                 size_fraction=SIZE_FRACTION,
                 collate_fn=collate_trimmed,
                 seed=settings.seed,
-                checkpoint=None if checkpoint is None else checkpoint["training"],
+                checkpoint=state,
                 journal=journal,
                 **options,
             )
@@ -171,11 +196,8 @@ class ZerothOrderTrainer:
                     **options,
                 )
             self.steps_total = settings.steps
-            if checkpoint is not None:
-                state = checkpoint["training"]
-                with torch.no_grad():
-                    for p, s in zip(params, state["params"], strict=True):
-                        p.copy_(s)
+            if state is not None:
+                _copy_params(params, state["params"])
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotPrivateWarning)
                     self.optimizer.load_state_dict(state["optimizer"])
@@ -221,7 +243,7 @@ class ZerothOrderTrainer:
                 "params": [p.detach().cpu().clone() for p in params],
                 "optimizer": self.optimizer.state_dict(),
             }
-        atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
+        self._save(training, path)
 
     def epsilon_spent(self) -> float | None:
         return self.run.epsilon_spent() if self.private else None
@@ -230,20 +252,18 @@ class ZerothOrderTrainer:
     def accountant(self) -> RDPAccountant | None:
         return self.run.accountant if self.private else None
 
-    @property
-    def privacy(self) -> dict[str, Any]:
-        if not self.private:
-            return {"private": False, "sample_rate": self.sample_rate}
-        facts = _privacy_facts(
-            self.run.plan,
-            self.run.sample_rate,
-            self.run.expected_batch_size,
-            self.run.noisy_dataset_size,
+    def _privacy_facts(self) -> dict[str, Any]:
+        run = self.run
+        return _facts(
+            run.plan,
+            run.sample_rate,
+            run.expected_batch_size,
+            run.noisy_dataset_size,
             self.optimizer.clip_norm,
+            # steps that died mid-way (found in the journal on a resume): charged, never applied
+            abandoned=run.accountant.steps - self.optimizer.steps_taken,
+            noise=NOISE_ZEROTH_ORDER,
         )
-        # steps that died mid-way (found in the journal on a resume): charged, never applied
-        facts["abandoned_steps_charged"] = self.run.accountant.steps - self.optimizer.steps_taken
-        return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +271,7 @@ class ZerothOrderTrainer:
 # ---------------------------------------------------------------------------------------------
 
 
-class FirstOrderTrainer:
+class FirstOrderTrainer(_Trainer):
     """``dpadamw`` (Opacus per-sample gradients, our accounting) and non-private ``adamw``.
 
     With a journal, each DP-AdamW step is recorded (``begin``) before it touches data. Its
@@ -260,25 +280,12 @@ class FirstOrderTrainer:
     (:func:`zoprivacy.run.journal.charge_unreplayable`).
     """
 
-    def __init__(
-        self,
-        classifier: Classifier,
-        dataset: Any,
-        settings: TrainSettings,
-        *,
-        checkpoint: dict[str, Any] | None = None,
-        journal: Any = None,
-    ) -> None:
-        self.classifier = classifier
-        self.settings = settings
-        self.private = settings.method == "dpadamw"
-        self.params = classifier.trainable_parameters()
-        self.module = classifier.grad_module()
-        state = None if checkpoint is None else checkpoint["training"]
+    def _build(self, dataset: Any, state: dict[str, Any] | None, journal: Any) -> None:
+        settings = self.settings
+        self.params = self.classifier.trainable_parameters()
+        self.module = self.classifier.grad_module()
         if state is not None:
-            with torch.no_grad():
-                for p, s in zip(self.params, state["params"], strict=True):
-                    p.copy_(s)
+            _copy_params(self.params, state["params"])
         self.steps_total = settings.steps
         self._steps_done = 0 if state is None else int(state["steps_done"])
         adamw = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -308,27 +315,17 @@ class FirstOrderTrainer:
                 "--method dpadamw needs Opacus: pip install opacus (or 'zoprivacy[bench]')"
             ) from None
         s = self.settings
-        if state is None:
-            # The same order as make_private: release ñ once, then q = b/ñ, then σ.
-            psi = 1.0 / (SIZE_FRACTION * s.epsilon)
-            first = RDPAccountant()
-            noisy_n = release_size(len(dataset), psi, accountant=first)
-            q = min(1.0, s.batch_size / noisy_n)
-            plan = calibrate(
+        if state is None:  # the one planner: release ñ once, q = b/ñ, σ, budgeted accountant
+            run = plan_run(
+                num_records=len(dataset),
                 epsilon=s.epsilon,
                 delta=s.delta,
-                sample_rate=q,
                 steps=s.steps,
+                expected_batch_size=s.batch_size,
                 size_fraction=SIZE_FRACTION,
             )
-            accountant = RDPAccountant(orders=plan.orders, budget=(s.epsilon, s.delta))
-            accountant.load_state_dict(
-                {
-                    **first.state_dict(),
-                    "orders": list(plan.orders),
-                    "budget": [s.epsilon, s.delta],
-                }
-            )
+            plan, accountant = run.plan, run.accountant
+            noisy_n, q = run.noisy_dataset_size, run.sample_rate
         else:
             fields = dict(state["plan"])
             fields["orders"] = tuple(fields.get("orders", ()))
@@ -344,8 +341,10 @@ class FirstOrderTrainer:
         self.expected_batch_size = q * noisy_n
         self.steps_total = plan.steps
         self.net = GradSampleModule(self.module, batch_first=True, loss_reduction="mean")
-        # Opacus draws float Gaussian noise from this generator; it is seeded from OS entropy and
-        # never from the public seed (secure_mode would need torchcsprng).
+        # Opacus (secure_mode=False) draws its float Gaussian noise with torch.normal from this
+        # generator (opacus/optimizers/optimizer.py, _generate_noise): torch's Mersenne Twister,
+        # seeded once with 63 bits from `secrets` (OS entropy), never from the public seed. It is
+        # not a CSPRNG (secure_mode would need torchcsprng); NOISE_OPACUS says so in the report.
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         self.optimizer = DPOptimizer(
             adamw,
@@ -438,24 +437,21 @@ class FirstOrderTrainer:
                     else {"run": self.journal.run_id, "records": self.journal.records},
                 }
             )
-        atomic_save({"format": _FORMAT, "method": self.settings.method, "training": training}, path)
+        self._save(training, path)
 
     def epsilon_spent(self) -> float | None:
         return self.accountant.get_epsilon(self.plan.delta) if self.private else None
 
-    @property
-    def privacy(self) -> dict[str, Any]:
-        if not self.private:
-            return {"private": False, "sample_rate": self.sample_rate}
-        facts = _privacy_facts(
+    def _privacy_facts(self) -> dict[str, Any]:
+        return _facts(
             self.plan,
             self.sample_rate,
             self.expected_batch_size,
             self.noisy_dataset_size,
             self.settings.clip_norm,
+            abandoned=self.accountant.steps - self._steps_done,
+            noise=NOISE_OPACUS,
         )
-        facts["abandoned_steps_charged"] = self.accountant.steps - self._steps_done
-        return facts
 
     def close(self) -> None:
         """Remove Opacus's hooks from the model (evaluation then runs the plain model)."""
@@ -482,8 +478,15 @@ def _clip_diagnostics(grad_samples: list[torch.Tensor], c: float) -> tuple[float
     return clip_fraction, batch_err, max_err
 
 
-def _privacy_facts(
-    plan: PrivacyPlan, q: float, b: float, noisy_n: float, clip_norm: float | None
+def _facts(
+    plan: PrivacyPlan,
+    q: float,
+    b: float,
+    noisy_n: float,
+    clip_norm: float | None,
+    *,
+    abandoned: int,
+    noise: str,
 ) -> dict[str, Any]:
     return {
         "private": True,
@@ -498,6 +501,8 @@ def _privacy_facts(
         "target_epsilon": plan.target_epsilon,
         "delta": plan.delta,
         "calibrated_epsilon": plan.epsilon,
+        "abandoned_steps_charged": abandoned,
+        "noise": noise,
     }
 
 
