@@ -45,6 +45,7 @@ for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import torch  # noqa: E402  (after the thread settings)
 
 from benchmarks._common import RESULTS, machine, write_json  # noqa: E402
+from zoprivacy.optim.algorithm import clip_rows  # noqa: E402
 
 SIZES = (1_000, 100_000, 1_000_000)
 KS = (1, 4, 16, 64)
@@ -199,9 +200,14 @@ def _scaling_task(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]
     dp = opt.data_parallel
     if dp is not None:
         agg = torch.zeros(len(mine), SCALING_K, dtype=torch.float64)
+        clipped = clip_rows(agg, opt.clip_norm)
+        fingerprint = opt.config_fingerprint()
+        params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(5 * steps):
             start = time.perf_counter()
-            summed = dp.reduce(opt, opt.steps_taken, agg, agg, 0.0, 0.0, 0.0)[0]
+            summed = dp.reduce(
+                opt.steps_taken, agg, clipped, 0.0, fingerprint=fingerprint, params=params
+            )[0]
             dp.release(opt.steps_taken, summed, None)
             comm_times.append(time.perf_counter() - start)
     return {

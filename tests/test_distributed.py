@@ -180,7 +180,7 @@ def _scenario_equal(rank: int, out: Path, result: dict[str, Any]) -> None:
         with torch.no_grad():
             model[0].bias[0] += 1e-6
     try:
-        opt.data_parallel.verify(opt)
+        opt.data_parallel.verify(opt.config_fingerprint(), list(model.parameters()))
         result["desync_error"] = None
     except RuntimeError as exc:
         result["desync_error"] = str(exc)
@@ -196,6 +196,8 @@ def _scenario_equal(rank: int, out: Path, result: dict[str, Any]) -> None:
                 sampling_generator=4,
                 process_group=group,
                 checkpoint=out / "run.pt" if resume else None,
+                # data-parallel runs keep no journal: a resume accepts that explicitly
+                journal=False if resume else None,
                 **PRIVATE_ARGS,
             )
         for batch, _ in zip(run.loader, range(2), strict=False):
@@ -390,7 +392,6 @@ def test_two_processes_equal_one_process_on_the_same_batch_seeds_and_noise(tmp_p
 
 
 def test_a_failing_or_dead_rank_fails_the_other_quickly_and_the_checkpoint_loads(tmp_path):
-    start = time.monotonic()
     codes, (r0, r1) = _launch("crash", tmp_path)
     assert codes == [0, 3], codes
     # The setup: one size release, the same ñ, σ, b and accountant on both ranks.
@@ -399,11 +400,11 @@ def test_a_failing_or_dead_rank_fails_the_other_quickly_and_the_checkpoint_loads
     assert [h["mechanism"] for h in r0["accountant_1"]["history"]].count("laplace") == 1
     for a, b in zip(r0["params_1"], r1["params_1"], strict=True):
         assert torch.equal(a, b)
-    # A closure that raises on rank 1: rank 1 gets its error, rank 0 a PeerFailure, at once.
+    # A closure that raises on rank 1: rank 1 gets its error, rank 0 a PeerFailure in the same
+    # step (the recoverable kind, which only the peer's abort message produces, not a timeout).
     assert r1["clean"]["type"] == "ValueError"
     assert r0["clean"]["type"] == "PeerFailure" and r0["clean"]["recoverable"] is True
     assert r0["clean"]["peer"] == 1 and "step 1" in r0["clean"]["message"]
-    assert r0["clean"]["elapsed"] < 5
     assert r0["steps_after_clean"] == r1["steps_after_clean"] == 1
     assert r0["digest_after_clean"] == r1["digest_after_clean"]
     # Rank 1 dies inside its closure: rank 0 fails with a clear error well within the timeout.
@@ -412,14 +413,13 @@ def test_a_failing_or_dead_rank_fails_the_other_quickly_and_the_checkpoint_loads
     assert "step 1" in dead["message"] and "peer rank is gone" in dead["message"]
     assert r0["dead_elapsed"] < TIMEOUT_S
     assert r0["steps_after_dead"] == 1
-    assert time.monotonic() - start < 60
     # The checkpoint written by rank 0 after the first step resumes in one process.
     x, y = _data(64)
     model = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = make_private(model, TensorDataset(x, y), checkpoint=tmp_path / "ckpt.pt",
-                           **PRIVATE_ARGS)  # fmt: skip
+                           journal=False, **PRIVATE_ARGS)  # fmt: skip
     assert run.steps_done == 1 and run.process_group is None
     assert run.accountant.state_dict() == r0["accountant_1"]
     for a, b in zip(_params(model), r0["params_1"], strict=True):
@@ -490,14 +490,13 @@ def test_sampler_arguments_are_checked():
 def test_the_configuration_digest_covers_the_step_options():
     """One process: each step option (and each mask/schedule setting) changes the digest that
     the ranks compare; equal library objects built separately give the same digest."""
-    from zoprivacy.distributed import _config_digest
     from zoprivacy.optim.masks import FixedMask
 
     def digest(**options: Any) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = DPAggZO(_model().parameters(), **{**DP_CONFIG, **options})
-        return _config_digest(opt, 2)
+        return opt.config_fingerprint()
 
     base = digest()
     variants = {name: digest(**option[1]) for name, option in _OPTION_MISMATCHES.items()}

@@ -180,3 +180,77 @@ def test_an_exception_raised_inside_the_closure_is_not_rewritten():
     with pytest.raises(ValueError) as info:
         opt.step(closure)
     assert str(info.value) == "my own error"
+
+
+# ---------------------------------------------------------------- defect 2: one resolution per step
+class _AdaptiveClip:
+    """A clip-norm schedule that is not a pure function of the step (adaptive clipping)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step):
+        return self.value
+
+
+def test_the_clip_norm_is_the_one_resolved_before_the_closure_ran(monkeypatch):
+    """Defect 2: a schedule changed inside the loss must not change this step's clipping: the
+    rows are clipped to the c the noise is sized for."""
+    from zoprivacy.noise.source import NoiseSource
+
+    seen = []
+
+    def spy(self, values, *, std, sensitivity):
+        seen.append((values.clone(), std, sensitivity))
+        return values
+
+    monkeypatch.setattr(NoiseSource, "add_noise", spy)
+    model = seeded_mlp(4, 3, 1)
+    schedule = _AdaptiveClip(1e-3)
+    opt = DPAggZO(model.parameters(), 0.05, seed=1, **{**KW, "clip_norm": schedule})
+    x, y = regression_data(1, 4, dtype=torch.float32)
+
+    def closure():
+        schedule.value = 1000.0  # e.g. adaptive clipping updated from the losses
+        return squared_errors(model, (x, y * 100))
+
+    stats = opt.step(closure)
+    (summed, std, sensitivity) = seen[0]
+    assert sensitivity == 1e-3 and std == KW["noise_multiplier"] * 1e-3
+    assert stats.clip_norm == 1e-3 and stats.noise_std == std
+    assert float(summed.norm()) <= 1e-3 * (1 + 1e-12)  # one record: its clipped row
+    assert stats.clip_fraction == 1.0
+    assert opt.clip_norm == 1000.0  # the next step resolves the new value
+
+
+def test_an_lr_changed_inside_the_closure_does_not_affect_this_step():
+    data = regression_data(6, 4, dtype=torch.float32)
+    ref = seeded_mlp(4, 3, 1)
+    ref_opt = DPAggZO(ref.parameters(), 0.05, seed=1, noise_seed=2, **KW)
+    ref_opt.step(lambda: squared_errors(ref, data))
+
+    model = seeded_mlp(4, 3, 1)
+    opt = DPAggZO(model.parameters(), 0.05, seed=1, noise_seed=2, **KW)
+
+    def closure():
+        opt.param_groups[0]["lr"] = 10.0
+        return squared_errors(model, data)
+
+    opt.step(closure)
+    assert _bit_equal(_values(model), _values(ref))
+
+
+def test_the_mask_is_called_once_per_tensor_per_step():
+    model = seeded_mlp(4, 3, 1)
+    calls = []
+
+    def mask(step, index, param):
+        calls.append((step, index))
+        return torch.ones_like(param, dtype=torch.bool)
+
+    opt = DPAggZO(model.parameters(), 0.05, seed=1, mask=mask, **KW)
+    data = regression_data(6, 4, dtype=torch.float32)
+    for _ in range(3):
+        opt.step(lambda: squared_errors(model, data))
+    n = len(list(model.parameters()))
+    assert sorted(calls) == [(t, i) for t in range(3) for i in range(n)]

@@ -50,8 +50,11 @@ __all__ = [
     "EmptyBatch",
     "PoissonBatchSampler",
     "PredictableSamplingWarning",
+    "check_loader_kwargs",
+    "empty_safe_loader",
     "expected_batch_size",
     "is_empty_batch",
+    "num_records_of",
     "poisson_loader",
     "release_size",
 ]
@@ -327,7 +330,43 @@ class _EmptySafeDataset(Dataset):
         return [self.dataset[i] for i in indices]
 
 
-_FORBIDDEN_LOADER_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+FORBIDDEN_LOADER_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+"""``DataLoader`` options that would replace Poisson sampling; the Poisson loaders refuse them."""
+
+
+def check_loader_kwargs(dataloader_kwargs: dict[str, Any], who: str) -> None:
+    """Refuse the ``DataLoader`` options of :data:`FORBIDDEN_LOADER_KWARGS` (``who`` names the
+    loader in the message)."""
+    bad = [k for k in FORBIDDEN_LOADER_KWARGS if k in dataloader_kwargs]
+    if bad:
+        raise TypeError(
+            f"{who} does not accept {', '.join(bad)}: batches are Poisson samples "
+            "(set sample_rate and steps instead)"
+        )
+
+
+def num_records_of(dataset: Any) -> int:
+    """``len(dataset)`` of a map-style dataset, or a TypeError saying what is needed."""
+    try:
+        return len(dataset)
+    except TypeError as exc:
+        raise TypeError("dataset must be map-style (support len() and indexing)") from exc
+
+
+def empty_safe_loader(
+    dataset: Any,
+    batch_sampler: Sampler[list[int]],
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    **dataloader_kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` over ``batch_sampler``'s index lists in which an empty list is yielded as
+    :data:`EMPTY_BATCH` without calling ``collate_fn`` or touching the dataset."""
+    return DataLoader(
+        _EmptySafeDataset(dataset),
+        batch_sampler=batch_sampler,
+        collate_fn=_EmptySafeCollate(default_collate if collate_fn is None else collate_fn),
+        **dataloader_kwargs,
+    )
 
 
 def poisson_loader(
@@ -357,25 +396,12 @@ def poisson_loader(
             ``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler`` and ``drop_last`` are
             refused because they would replace Poisson sampling.
     """
-    bad = [k for k in _FORBIDDEN_LOADER_KWARGS if k in dataloader_kwargs]
-    if bad:
-        raise TypeError(
-            f"poisson_loader does not accept {', '.join(bad)}: batches are Poisson samples "
-            "(set sample_rate and steps instead)"
-        )
+    check_loader_kwargs(dataloader_kwargs, "poisson_loader")
     if steps is None:
         raise TypeError("steps must be an int (the number of batches), got None")
-    try:
-        num_records = len(dataset)
-    except TypeError as exc:
-        raise TypeError("dataset must be map-style (support len() and indexing)") from exc
+    num_records = num_records_of(dataset)
     sampler = PoissonBatchSampler(num_records, sample_rate, steps=steps, generator=generator)
-    return DataLoader(
-        _EmptySafeDataset(dataset),
-        batch_sampler=sampler,
-        collate_fn=_EmptySafeCollate(default_collate if collate_fn is None else collate_fn),
-        **dataloader_kwargs,
-    )
+    return empty_safe_loader(dataset, sampler, collate_fn, **dataloader_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

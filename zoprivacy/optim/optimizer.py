@@ -1,63 +1,73 @@
 """The DP-AggZO optimizer (Bao et al., USENIX Security 2025, Algorithm 1) and its presets.
 
-:class:`DPAggZO` implements lines 5-16 of Algorithm 1 for one step; lines 1-2 (the noisy dataset
-size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the caller, who passes b as
-``expected_batch_size`` and samples the batch inside the closure's data. :class:`DPZO` (K = 1) and
-:class:`MeZO` (no clipping, no noise) are the same class with fixed arguments. The DP-ZOSO
-(stage-wise schedules, :mod:`zoprivacy.optim.schedules`) and DP-ZOPO (pruned coordinate subsets,
-:mod:`zoprivacy.optim.masks`) variants are options of the same class.
+:class:`DPAggZO` implements lines 5-16 of Algorithm 1 for one step by calling the pure functions
+of :mod:`zoprivacy.optim.algorithm`; the class keeps the state (step count, public seed, noise
+source, path discovery), the validation and the checkpoints (:mod:`zoprivacy.optim.state`).
+Lines 1-2 (the noisy dataset size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the
+caller, who passes b as ``expected_batch_size`` and samples the batch inside the closure's data.
+:class:`DPZO` (K = 1) and :class:`MeZO` (no clipping, no noise) are the same class with fixed
+arguments. The DP-ZOSO (stage-wise schedules, :mod:`zoprivacy.optim.schedules`) and DP-ZOPO
+(pruned coordinate subsets, :mod:`zoprivacy.optim.masks`) variants are options of the same class.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from zoprivacy import checks
 from zoprivacy.distributed import DataParallel
 from zoprivacy.noise.source import NoiseSource
+from zoprivacy.optim.algorithm import Clipped, Probe, apply_update, clip_rows, probe, release
+from zoprivacy.optim.closure import evaluate, explain_bad_output, where
+from zoprivacy.optim.config import (
+    SCHEDULABLE,
+    StepConfig,
+    check_group,
+    check_hyper,
+    resolve,
+    resolve_step,
+)
 from zoprivacy.optim.directions import (
     DIRECTION_STREAM,
     DirectionStream,
     check_kind,
     draw_public_seed,
-    stream_affects,
 )
-from zoprivacy.optim.masks import pack_mask
-from zoprivacy.optim.perturb import Prober, ScratchPool, check_perturbation, warn_unseen
+from zoprivacy.optim.perturb import (
+    PathDiscovery,
+    Prober,
+    ScratchPool,
+    capture_rng,
+    check_perturbation,
+    restore_rng,
+)
+from zoprivacy.optim.state import (
+    DIFFERENCES,
+    STATE_KEY,
+    STATE_VERSION,
+    check_difference,
+    describe,
+    read_state,
+    saved_entry,
+    serialisable,
+)
 from zoprivacy.optim.stats import StepStats
 
 __all__ = ["DIFFERENCES", "DPZO", "DPAggZO", "MeZO", "NotPrivateWarning"]
 
 Closure = Callable[[], torch.Tensor]
-
-_STATE_KEY = "zoprivacy"
-_STATE_VERSION = 2
-_MAX_LISTED = 10
-_SCHEDULABLE = ("num_directions", "clip_norm", "noise_multiplier", "perturbation_scale")
-
-DIFFERENCES = ("central", "forward")
-"""Values of ``DPAggZO(difference=...)``."""
+Mask = Callable[[int, int, torch.Tensor], torch.Tensor | None]
 
 
 class NotPrivateWarning(UserWarning):
     """The optimizer is configured so that its steps are not differentially private."""
-
-
-@dataclass(frozen=True)
-class _Config:
-    """The hyper-parameters of one step (schedules resolved)."""
-
-    num_directions: int
-    clip_norm: float | None
-    noise_multiplier: float
-    perturbation_scale: float
 
 
 class DPAggZO(torch.optim.Optimizer):
@@ -233,103 +243,55 @@ class DPAggZO(torch.optim.Optimizer):
         perturbation: str = "auto",
         directions: str = "gaussian",
         difference: str = "central",
-        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        mask: Mask | None = None,
         batched_directions: int | None = None,
     ) -> None:
-        lr = _check_real("lr", lr, minimum=0.0)
-        weight_decay = _check_real("weight_decay", weight_decay, minimum=0.0)
-        spec: dict[str, Any] = {
-            "num_directions": num_directions,
-            "clip_norm": clip_norm,
-            "noise_multiplier": noise_multiplier,
-            "perturbation_scale": perturbation_scale,
+        defaults = {
+            "lr": checks.real("lr", lr, minimum=0.0),
+            "weight_decay": checks.real("weight_decay", weight_decay, minimum=0.0),
         }
-        for name, value in spec.items():
-            if callable(value):
-                _check_hyper(name, value(0), scheduled=True)  # fail early on a bad schedule
-            else:
-                spec[name] = _check_hyper(name, value, scheduled=False)
+        spec = _check_spec(num_directions, clip_norm, noise_multiplier, perturbation_scale)
         if expected_batch_size is not None:
-            expected_batch_size = _check_real(
+            expected_batch_size = checks.real(
                 "expected_batch_size", expected_batch_size, positive=True
             )
         if sample_rate is not None:
-            sample_rate = _check_real("sample_rate", sample_rate, positive=True)
-            if sample_rate > 1.0:
-                raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+            sample_rate = checks.sample_rate(sample_rate)
         if seed is not None:
-            seed = _check_int("seed", seed, minimum=0)
-        perturbation = check_perturbation(perturbation)
-        directions = check_kind(directions)
-        if difference not in DIFFERENCES:
-            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+            seed = checks.integer("seed", seed, minimum=0)
         if mask is not None and not callable(mask):
             raise TypeError(f"mask must be a callable (step, index, param) -> mask, got {mask!r}")
-        if batched_directions is not None:
-            batched_directions = _check_int("batched_directions", batched_directions, minimum=1)
-            if perturbation == "inplace":
-                raise ValueError(
-                    "batched_directions evaluates stacked perturbed copies through the "
-                    "substitution path; it cannot be combined with perturbation='inplace'"
-                )
-
-        clip0 = _resolve(spec["clip_norm"], 0)
-        sigma0 = _resolve(spec["noise_multiplier"], 0)
-        if clip0 is None and sigma0 > 0:
-            raise ValueError(
-                f"clip_norm=None with noise_multiplier={sigma0}: the noise std is σ·c, "
-                "so a clip norm is required. Pass clip_norm=c > 0, or noise_multiplier=0 for "
-                "non-private MeZO."
-            )
-        if clip0 is not None and expected_batch_size is None:
-            raise ValueError(
-                "expected_batch_size is required when clip_norm is set: the update is normalised "
-                "by the public b = q·ñ, never by the private |B|. Pass expected_batch_size=b > 0."
-            )
-        private = clip0 is not None and sigma0 > 0
-        if accountant is not None:
-            if not callable(getattr(accountant, "step", None)):
-                raise TypeError("accountant must have a step(noise_multiplier, sample_rate, steps)")
-            if sample_rate is None:
-                raise ValueError(
-                    "sample_rate is required with an accountant: pass the Poisson rate q in (0, 1]"
-                )
-            if not private:
-                raise ValueError(
-                    "an accountant needs a private configuration: clip_norm > 0 and "
-                    "noise_multiplier > 0 (a noiseless step has infinite privacy cost)"
-                )
-
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self._perturbation = check_perturbation(perturbation)
+        self._directions = check_kind(directions)
+        self._difference = check_difference(difference)
+        self._batched = _check_batched(batched_directions, self._perturbation)
+        _check_mode(spec, expected_batch_size, accountant, sample_rate)
+        super().__init__(params, defaults)
         if not self._trainable():
             raise ValueError(
                 "params contains no tensor with requires_grad=True: nothing to optimise. Pass the "
                 "trainable parameters (e.g. [p for p in model.parameters() if p.requires_grad])."
             )
-
-        self._spec = spec
-        self._expected_batch_size = expected_batch_size
-        self._sample_rate = sample_rate
-        self._accountant = accountant
-        self._journal: Any | None = None
-        self._perturbation = perturbation
-        self._directions = directions
-        self._difference = difference
-        self._mask = mask
-        self._batched = batched_directions
-        self._inplace: frozenset[int] | None = None  # tensors on the in-place path (None: unknown)
-        self._layout: tuple[int, ...] = ()  # ids of the trainable tensors when _inplace was set
-        self._checked_unseen = False
+        self._spec, self._mask = spec, mask
+        self._expected_batch_size, self._sample_rate = expected_batch_size, sample_rate
+        self._accountant, self._journal = accountant, None
+        self._current: StepConfig | None = None  # the running step's values (None between steps)
         self._last_path: str | None = None
         self._dp = None if process_group is None else DataParallel.wrap(process_group)
+        self._paths = self._path_discovery()
         if self._dp is not None:
             seed = self._dp.agree_on_seed(seed)  # rank 0 draws it (if None) and broadcasts it
         self._seed = draw_public_seed() if seed is None else seed
         self._step_count = 0
         self._noise = NoiseSource(noise_seed)
         self._warn_if_not_private()
-        if self._dp is not None:
-            self._dp.verify(self)  # same configuration and bit-identical parameters everywhere
+        if self._dp is not None:  # same configuration and bit-identical parameters everywhere
+            self._dp.verify(self.config_fingerprint(), [p for p, _ in self._trainable()])
+
+    def _path_discovery(self) -> PathDiscovery:
+        label = "batched" if self._batched else "hooks"
+        fixed = self._dp is not None or bool(self._batched)
+        return PathDiscovery(self._perturbation, fixed=fixed, label=label)
 
     # ------------------------------------------------------------------ read-only configuration
     @property
@@ -409,7 +371,7 @@ class DPAggZO(torch.optim.Optimizer):
     @property
     def scheduled(self) -> tuple[str, ...]:
         """Names of the hyper-parameters given as schedules (callables of the step)."""
-        return tuple(name for name in _SCHEDULABLE if callable(self._spec[name]))
+        return tuple(name for name in SCHEDULABLE if callable(self._spec[name]))
 
     @property
     def perturbation_path(self) -> str:
@@ -428,19 +390,10 @@ class DPAggZO(torch.optim.Optimizer):
         """Indices of the trainable tensors perturbed in place (empty on the zero-drift path)."""
         if self._perturbation == "inplace":
             return tuple(range(len(self._trainable())))
-        return tuple(sorted(self._inplace or ()))
+        return tuple(sorted(self._paths.inplace or ()))
 
     def _value(self, name: str) -> Any:
-        return _resolve(self._spec[name], self._step_count)
-
-    def _config(self, step: int) -> _Config:
-        values = {
-            name: _check_hyper(name, _resolve(self._spec[name], step), scheduled=True, step=step)
-            for name in _SCHEDULABLE
-        }
-        if values["clip_norm"] is None and self._spec["clip_norm"] is not None:
-            raise ValueError(f"the clip_norm schedule returned None at step {step}")
-        return _Config(**values)
+        return resolve(self._spec[name], self._step_count)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -448,7 +401,7 @@ class DPAggZO(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_group(group)
+            check_group(group)
             for p in group["params"]:
                 if p.requires_grad and not (p.is_floating_point()):
                     raise TypeError(f"parameters must be floating point, got dtype {p.dtype}")
@@ -465,96 +418,159 @@ class DPAggZO(torch.optim.Optimizer):
         """Run one DP-AggZO step (Algorithm 1, lines 5-16) and return its :class:`StepStats`.
 
         ``closure()`` must return the per-record losses, shape [|B|]; see the class docstring.
-        Raises ``ValueError``/``TypeError`` on bad closure output with the parameters restored.
+        Every per-step value is resolved once, before the closure runs, and used for the whole
+        step. Raises ``ValueError``/``TypeError`` on bad closure output with the parameters
+        restored (the step was charged if there is an accountant: the message says so).
         """
-        if closure is None:
-            raise ValueError(
-                "DPAggZO.step needs a closure returning the per-record losses (shape [|B|]) of "
-                "the current batch, evaluated without backward(): opt.step(lambda: losses(model))"
+        _check_closure_argument(closure)
+        entries = self._trainable()
+        params = [p for p, _ in entries]
+        cfg = self._resolve_step(entries)  # K, c, σ, φ, η, wd, masks: once, before data is read
+        self._charge(cfg)  # the accountant, then the journal's write-ahead record
+        stream = self._stream(cfg, params)
+        pool = ScratchPool(params)
+        prober = Prober(params, stream, cfg.perturbation_scale, self._paths.flags(params), pool)
+        self._current = cfg
+        try:
+            probed = self._probe(closure, prober, cfg)  # lines 5-10: Δ_k(x), k < K
+            agg = probed.deltas / cfg.num_directions  # line 12: Δ_agg(x), [|B|, K]
+            clipped = Clipped(*self._clip(agg))  # line 13 (eqs. 26/27) at the step's c
+            batch, loss_sum, summed = agg.shape[0], probed.loss_sum, clipped.clipped.sum(dim=0)
+            if self._dp is not None:  # every rank's clipped K-sums (O(K) floats)
+                fingerprint = self._fingerprint(cfg)
+                summed, batch, loss_sum, *diagnostics = self._dp.reduce(
+                    cfg.step, agg, clipped, loss_sum, fingerprint=fingerprint, params=params
+                )
+                clipped = Clipped(clipped.clipped, *diagnostics)
+            noisy_sum = self._release(cfg, summed)  # line 15: S = Σ Δ̂_agg + v
+            if self._journal is not None:  # S_t is on disk before the update is applied
+                self._journal.release(
+                    cfg.step,
+                    noisy_sum,
+                    lrs=list(cfg.lrs),
+                    weight_decays=list(cfg.weight_decays),
+                    noise_state=self._noise.state_dict() if self._noise.reproducible else None,
+                )
+            normalizer = self._normalizer(batch)
+            if normalizer > 0:  # line 16: θ ← θ − (η/b) Σ_k S_k z_k
+                self._update(entries, cfg.step, pool.buffers(), stream, noisy_sum / normalizer)
+        finally:
+            self._current = None
+            pool.release_all()
+        self._step_count, self._last_path = cfg.step + 1, probed.path
+        return self._stats(cfg, probed.path, noisy_sum, batch, loss_sum, clipped, stream)
+
+    def _probe(self, closure: Closure, prober: Prober, cfg: StepConfig) -> Probe:
+        """Lines 5-10 (:func:`~zoprivacy.optim.algorithm.probe`); on failure the data-parallel
+        peers are told at once and a bad-output error says what the step cost."""
+        try:
+            return probe(
+                closure,
+                prober,
+                num_directions=cfg.num_directions,
+                perturbation_scale=cfg.perturbation_scale,
+                difference=self._difference,
+                batched=self._batched,
+                discover=self._paths.discover,
             )
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        step = self._step_count
-        cfg = self._config(step)
+        except BaseException as exc:
+            if self._dp is not None:  # the peers raise now, not after the timeout
+                self._dp.abort(cfg.step, prober.params)
+            explain_bad_output(exc, cfg.step, charged=self._accountant is not None)
+            raise
+
+    def _normalizer(self, batch: int) -> float:
+        """The divisor of line 16: the public b, or |B| in (non-private) MeZO mode."""
+        return float(batch) if self.is_mezo else float(self._expected_batch_size)  # type: ignore[arg-type]
+
+    def _resolve_step(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> StepConfig:
+        return resolve_step(self._spec, self._step_count, entries, self._mask)
+
+    def _charge(self, cfg: StepConfig) -> None:
+        """Charge the accountant with this step's σ and write the journal's ``begin`` record,
+        both before any data is touched (a step beyond the budget raises here)."""
         if self._accountant is not None:
-            if cfg.clip_norm is None or cfg.noise_multiplier <= 0:
+            if not cfg.noisy:
                 raise ValueError(
-                    f"the schedules give noise_multiplier={cfg.noise_multiplier} at step {step}: "
-                    "a noiseless step has infinite privacy cost and cannot be accounted"
+                    f"the schedules give noise_multiplier={cfg.noise_multiplier} at step "
+                    f"{cfg.step}: a noiseless step has infinite privacy cost and cannot be "
+                    "accounted"
                 )
             self._accountant.step(
                 noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate, steps=1
             )
-        if self._journal is not None:  # write-ahead: on disk before any data is touched
+        if self._journal is not None:
             self._journal.begin(
-                step, noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate
+                cfg.step, noise_multiplier=cfg.noise_multiplier, sample_rate=self._sample_rate
             )
 
-        entries = self._trainable()
+    def _clip(self, agg: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+        """Line 13 at the running step's c (:func:`~zoprivacy.optim.algorithm.clip_rows`).
+
+        A method so that the canary audit's planted faults can override it."""
+        assert self._current is not None, "_clip runs inside step()"
+        return clip_rows(agg, self._current.clip_norm)
+
+    def _release(self, cfg: StepConfig, summed: torch.Tensor) -> torch.Tensor:
+        """Line 15 (:func:`~zoprivacy.optim.algorithm.release`); data parallel: rank 0 alone
+        draws the noise and broadcasts S."""
+        draw = functools.partial(
+            release,
+            noise=self._noise,
+            noise_multiplier=cfg.noise_multiplier,
+            clip_norm=cfg.clip_norm,
+        )
+        if self._dp is not None:
+            return self._dp.release(cfg.step, summed, draw)
+        return draw(summed)
+
+    def _update(
+        self,
+        entries: list[tuple[torch.Tensor, dict[str, Any]]],
+        step: int,
+        scratch: dict[torch.device, torch.Tensor],
+        stream: DirectionStream,
+        coefs: torch.Tensor,
+        lrs: Sequence[float] | None = None,
+        weight_decays: Sequence[float] | None = None,
+    ) -> None:
+        """Line 16 (:func:`~zoprivacy.optim.algorithm.apply_update`) with the running step's
+        resolved η and wd unless given (a replayed step passes its recorded ones)."""
+        if lrs is None or weight_decays is None:
+            assert self._current is not None, "_update without lrs runs inside step()"
+            lrs, weight_decays = self._current.lrs, self._current.weight_decays
         params = [p for p, _ in entries]
-        stream = self._stream(step, params)
-        pool = ScratchPool(params)
-        try:
-            deltas, loss_sum, path = self._probe(closure, params, stream, pool, cfg)
-        except BaseException as exc:
-            if self._dp is not None:
-                self._dp.abort(self, step)  # the peers raise now, not after the timeout
-            _explain_bad_output(exc, step, charged=self._accountant is not None)
-            raise
+        apply_update(params, stream, scratch, coefs, lrs, weight_decays)
+
+    def _stream(self, cfg: StepConfig, params: list[torch.Tensor]) -> DirectionStream:
+        """The public directions of the step (regenerated from the seed, masked)."""
+        return DirectionStream(
+            params, seed=self._seed, step=cfg.step, kind=self._directions, masks=cfg.masks
+        )
+
+    def _stats(
+        self,
+        cfg: StepConfig,
+        path: str,
+        noisy_sum: torch.Tensor,
+        batch: int,
+        loss_sum: float,
+        clipped: Clipped,
+        stream: DirectionStream,
+    ) -> StepStats:
+        noise_std = cfg.noise_multiplier * (cfg.clip_norm or 0.0)
         k = cfg.num_directions
-        batch = deltas.shape[0]
-        agg = deltas / k  # line 12, shape [|B|, K]
-        clipped, clip_fraction, max_err, batch_err = self._clip(agg)  # line 13, eqs. 26-27
-        noisy_sum = clipped.sum(dim=0)
-        if self._dp is not None:  # data parallel: sum every rank's clipped records (O(K) floats)
-            noisy_sum, batch, loss_sum, clip_fraction, max_err, batch_err = self._dp.reduce(
-                self, step, agg, clipped, clip_fraction, max_err, loss_sum
-            )
-        noise_std = 0.0
-        release = None
-        if cfg.clip_norm is not None and cfg.noise_multiplier > 0:
-            noise_std = cfg.noise_multiplier * cfg.clip_norm
-            # Line 15 as an exact release: the sum is snapped to the noise grid and integer
-            # discrete-Gaussian noise is added (noise.NoiseSource.add_noise), so the released
-            # floats carry nothing about the unrounded sum (float noise on a float sum leaks).
-            release = functools.partial(
-                self._noise.add_noise, std=noise_std, sensitivity=cfg.clip_norm
-            )
-        if self._dp is not None:  # rank 0 alone releases S and broadcasts it (line 15)
-            noisy_sum = self._dp.release(step, noisy_sum, release)
-        elif release is not None:
-            noisy_sum = release(noisy_sum)
-
-        if self._journal is not None:  # S_t is on disk before the update is applied
-            self._journal.release(
-                step,
-                noisy_sum,
-                lrs=[float(g["lr"]) for _, g in entries],
-                weight_decays=[float(g["weight_decay"]) for _, g in entries],
-                noise_state=self._noise.state_dict() if self._noise.reproducible else None,
-            )
-        if self.is_mezo:
-            normalizer = float(batch)
-        else:
-            normalizer = float(self._expected_batch_size)  # type: ignore[arg-type]
-        if normalizer > 0:
-            self._update(entries, step, pool.buffers(), stream, noisy_sum / normalizer)  # line 16
-        pool.release_all()
-
-        self._step_count = step + 1
-        self._last_path = path
-        mean_loss = loss_sum / (batch * k) if batch else math.nan
         return StepStats(
             noisy_sum=noisy_sum,
             batch_size=batch,
-            loss=mean_loss,
-            clip_fraction=clip_fraction,
-            batch_clip_error=batch_err,
-            max_clip_error=max_err,
-            step=step,
+            loss=loss_sum / (batch * k) if batch else math.nan,
+            clip_fraction=clipped.clip_fraction,
+            batch_clip_error=clipped.batch_clip_error,
+            max_clip_error=clipped.max_clip_error,
+            step=cfg.step,
             seed=self._seed,
             num_directions=k,
-            normalizer=normalizer,
+            normalizer=self._normalizer(batch),
             noise_std=noise_std,
             private=noise_std > 0 and not self._noise.reproducible,
             perturbation_path=path,
@@ -607,8 +623,6 @@ class DPAggZO(torch.optim.Optimizer):
         """
         if self.is_mezo:
             raise ValueError("MeZO steps are normalised by the private |B| and cannot be replayed")
-        step = self._step_count
-        cfg = self._config(step)
         entries = self._trainable()
         params = [p for p, _ in entries]
         if len(lrs) != len(params) or len(weight_decays) != len(params):
@@ -616,247 +630,27 @@ class DPAggZO(torch.optim.Optimizer):
                 f"the recorded step has {len(lrs)} learning rates for {len(params)} trainable "
                 "tensors: resume with the same model and trainable selection"
             )
+        cfg = self._resolve_step(entries)
         noisy_sum = torch.as_tensor(noisy_sum)
         if tuple(noisy_sum.shape) != (cfg.num_directions,):
             raise ValueError(
-                f"recorded S_t has shape {tuple(noisy_sum.shape)}, step {step} uses "
+                f"recorded S_t has shape {tuple(noisy_sum.shape)}, step {cfg.step} uses "
                 f"{cfg.num_directions} directions"
             )
-        stream = self._stream(step, params)
+        stream = self._stream(cfg, params)
         pool = ScratchPool(params)
         coefs = noisy_sum / float(self._expected_batch_size)  # type: ignore[arg-type]
-        self._update(entries, step, pool.buffers(), stream, coefs, list(lrs), list(weight_decays))
+        self._update(
+            entries, cfg.step, pool.buffers(), stream, coefs, list(lrs), list(weight_decays)
+        )
         pool.release_all()
         if noise_state is not None:
             noise = NoiseSource()
             noise.load_state_dict(noise_state)
             self._noise = noise
-        self._step_count = step + 1
+        self._step_count = cfg.step + 1
 
-    def _stream(self, step: int, params: list[torch.Tensor]) -> DirectionStream:
-        """The public directions of step ``step`` (regenerated from the seed, masked)."""
-        return DirectionStream(
-            params,
-            seed=self._seed,
-            step=step,
-            kind=self._directions,
-            masks=self._masks(step, params),
-        )
-
-    def _masks(self, step: int, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
-        """DP-ZOPO: this step's mask of every tensor, packed to bits (None: no masks)."""
-        if self._mask is None:
-            return None
-        packed: list[torch.Tensor | None] = []
-        for i, p in enumerate(params):
-            m = self._mask(step, i, p.detach())
-            if m is None:
-                packed.append(None)
-                continue
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                raise TypeError(
-                    f"mask(step={step}, index={i}) must return a bool tensor or None, got "
-                    f"{type(m).__name__}{'' if not isinstance(m, torch.Tensor) else m.dtype}"
-                )
-            if tuple(m.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"mask(step={step}, index={i}) has shape {tuple(m.shape)}, the tensor "
-                    f"{tuple(p.shape)}"
-                )
-            packed.append(pack_mask(m.to(p.device)))
-        return packed
-
-    def _inplace_flags(self, params: list[torch.Tensor]) -> list[bool]:
-        """Which tensors use the in-place path this step (discovery state of ``"auto"``)."""
-        layout = tuple(id(p) for p in params)
-        if layout != self._layout:  # the trainable set changed: find out again
-            self._layout = layout
-            self._inplace = None
-            self._checked_unseen = False
-        if self._perturbation == "inplace":
-            return [True] * len(params)
-        inplace = self._inplace or frozenset()
-        return [i in inplace for i in range(len(params))]
-
-    def _discover(
-        self,
-        prober: Prober,
-        params: list[torch.Tensor],
-        out: torch.Tensor,
-        redo: Callable[[], torch.Tensor],
-    ) -> torch.Tensor:
-        """After a perturbed evaluation: settle which tensors the substitution cannot see."""
-        if self._checked_unseen or self._perturbation == "inplace" or out.numel() == 0:
-            return out
-        self._checked_unseen = True
-        unseen = prober.unseen()
-        if self._perturbation == "auto" and self._dp is None and not self._batched:
-            self._inplace = frozenset(unseen)
-            if unseen:
-                prober.set_inplace(unseen)
-                return redo()  # that evaluation missed their perturbation: run it again
-            return out
-        self._inplace = frozenset()
-        warn_unseen(params, unseen, "batched" if self._batched else "hooks")
-        return out
-
-    def _probe(
-        self,
-        closure: Closure,
-        params: list[torch.Tensor],
-        stream: DirectionStream,
-        pool: ScratchPool,
-        cfg: _Config,
-    ) -> tuple[torch.Tensor, float, str]:
-        """Lines 5-10: the closure evaluations; returns Δ (float64 [|B|, K]), the loss sum
-        (Σ over records and directions of (L+ + L−)/2, or K·Σ L(θ) with forward differences)
-        and the path that ran. Any in-place perturbation left is undone in ``finally``."""
-        phi = cfg.perturbation_scale
-        num = cfg.num_directions
-        prober = Prober(params, stream, phi, self._inplace_flags(params), pool)
-        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        columns: list[torch.Tensor] = []
-        loss_sum = 0.0
-        batch: int | None = None
-
-        def point(k: int, sign: int, rng: Any) -> torch.Tensor:
-            where = _where(k, sign)
-
-            def run() -> torch.Tensor:
-                return prober.evaluate(lambda: _evaluate(closure, where, batch), k, sign)
-
-            def redo() -> torch.Tensor:
-                _restore_rng(rng, cuda_devices)
-                return run()
-
-            out = run()
-            return out if sign == 0 else self._discover(prober, params, out, redo)
-
-        try:
-            if self._batched:
-                columns, loss_sum = self._probe_batched(closure, prober, params, cfg)
-            elif self._difference == "central":
-                for k in range(num):
-                    rng = _capture_rng(cuda_devices)
-                    plus = point(k, +1, rng)
-                    batch = plus.numel()
-                    _restore_rng(rng, cuda_devices)
-                    minus = point(k, -1, rng)
-                    columns.append(_difference((plus - minus) / (2.0 * phi), k))
-                    loss_sum += float((plus + minus).sum()) / 2.0
-            else:
-                rng = _capture_rng(cuda_devices)
-                base = point(0, 0, rng)
-                batch = base.numel()
-                for k in range(num):
-                    _restore_rng(rng, cuda_devices)
-                    plus = point(k, +1, rng)
-                    columns.append(_difference((plus - base) / phi, k))
-                loss_sum = num * float(base.sum())
-        finally:
-            prober.restore()
-        inplace = [i for i, x in enumerate(prober.inplace) if x]
-        if self._batched:
-            path = "batched"
-        elif not inplace:
-            path = "hooks"
-        elif len(inplace) == len(params):
-            path = "inplace"
-        else:
-            path = "mixed"
-        return torch.stack(columns, dim=1), loss_sum, path
-
-    def _probe_batched(
-        self, closure: Closure, prober: Prober, params: list[torch.Tensor], cfg: _Config
-    ) -> tuple[list[torch.Tensor], float]:
-        """The probe with ``batched_directions`` directions per vmapped call."""
-        phi = cfg.perturbation_scale
-        num = cfg.num_directions
-        chunk = int(self._batched or 1)
-        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        columns: list[torch.Tensor] = []
-        loss_sum = 0.0
-        batch: int | None = None
-        base: torch.Tensor | None = None
-        if self._difference == "forward":
-            base = _evaluate(closure, _where(0, 0), None)
-            batch = base.numel()
-            loss_sum = num * float(base.sum())
-        signs = (+1, -1) if self._difference == "central" else (+1,)
-        for first in range(0, num, chunk):
-            ks = range(first, min(num, first + chunk))
-            points = [(k, s) for k in ks for s in signs]
-            rng = _capture_rng(cuda_devices)
-            out = prober.evaluate_batched(closure, points)
-            _restore_rng(rng, cuda_devices)  # as if the points had run one after the other
-            rows = _check_batched(out, points, batch)
-            batch = rows.shape[1]
-            first_row = rows[0]
-            self._discover(prober, params, first_row, lambda row=first_row: row)
-            for j, k in enumerate(ks):
-                if base is None:
-                    plus, minus = rows[2 * j], rows[2 * j + 1]
-                    columns.append(_difference((plus - minus) / (2.0 * phi), k))
-                    loss_sum += float((plus + minus).sum()) / 2.0
-                else:
-                    columns.append(_difference((rows[j] - base) / phi, k))
-        return columns, loss_sum
-
-    def _clip(self, agg: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
-        """Line 13 and the diagnostics of eqs. 26-27: (Δ̂, clip fraction, max err, batch err)."""
-        c = self.clip_norm
-        if c is None or agg.shape[0] == 0:
-            return agg, 0.0, 0.0, 0.0
-        norms = _row_norms(agg)
-        over = norms > c
-        factors = torch.where(over, c / norms, torch.ones_like(norms))
-        clipped = agg * factors[:, None]
-        clip_fraction = float(over.double().mean())
-        max_err = float((1.0 - factors).max())  # ‖Δ − Δ̂‖/‖Δ‖ = 1 − factor (eq. 26)
-        # eq. 27 with both sums divided by the largest |entry| so that neither overflows.
-        scale = float(agg.abs().max())
-        if scale == 0.0:
-            return clipped, clip_fraction, max_err, 0.0
-        num = float(torch.linalg.vector_norm(((agg - clipped) / scale).sum(dim=0)))
-        den = float(torch.linalg.vector_norm((agg / scale).sum(dim=0)))
-        if num == 0.0:
-            batch_err = 0.0
-        elif den == 0.0:
-            batch_err = math.inf
-        else:
-            batch_err = num / den
-        return clipped, clip_fraction, max_err, batch_err
-
-    def _update(
-        self,
-        entries: list[tuple[torch.Tensor, dict[str, Any]]],
-        step: int,
-        scratch: dict[torch.device, torch.Tensor],
-        stream: DirectionStream,
-        coefs: torch.Tensor,
-        lrs: list[float] | None = None,
-        weight_decays: list[float] | None = None,
-    ) -> None:
-        """Line 16 plus decoupled weight decay: θ ← θ(1 − η·wd) − η Σ_k coefs_k z_k.
-
-        ``lrs``/``weight_decays`` (per tensor) default to the param groups' current values."""
-        if lrs is None:
-            lrs = [float(g["lr"]) for _, g in entries]
-        if weight_decays is None:
-            weight_decays = [float(g["weight_decay"]) for _, g in entries]
-        for i, (p, _) in enumerate(entries):
-            wd = weight_decays[i]
-            if wd and lrs[i]:
-                p.mul_(1.0 - lrs[i] * wd)
-        for k, coef in enumerate(coefs.tolist()):
-            if coef == 0.0:
-                continue
-            for i, (p, _) in enumerate(entries):
-                if lrs[i]:
-                    z = stream.fill(k, i, stream.view(scratch[p.device], i))
-                    p.add_(z, alpha=-lrs[i] * coef)
-
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Torch's state plus step count, public seed, hyper-parameters and (seeded) noise state.
 
@@ -867,18 +661,15 @@ class DPAggZO(torch.optim.Optimizer):
         ``"schedules"``, and the library's masks (:class:`~zoprivacy.MagnitudeMask`,
         :class:`~zoprivacy.RandomMask`, :class:`~zoprivacy.FixedMask`) under
         ``"mask"``. Any other callable (schedule or mask) is not saved: pass the same callable
-        when resuming.
+        when resuming. Format: :mod:`zoprivacy.optim.state`.
         """
         sd = super().state_dict()
-        sd[_STATE_KEY] = {
-            "version": _STATE_VERSION,
+        sd[STATE_KEY] = {
+            "version": STATE_VERSION,
             "step": self._step_count,
             "seed": self._seed,
-            "num_directions": self.num_directions,
-            "clip_norm": self.clip_norm,
-            "noise_multiplier": self.noise_multiplier,
+            **{name: self._value(name) for name in SCHEDULABLE},
             "expected_batch_size": self._expected_batch_size,
-            "perturbation_scale": self.perturbation_scale,
             "sample_rate": self._sample_rate,
             "noise": self._noise.state_dict(),
             "scheduled": list(self.scheduled),
@@ -891,9 +682,9 @@ class DPAggZO(torch.optim.Optimizer):
             "schedules": {
                 name: self._spec[name].state_dict()
                 for name in self.scheduled
-                if _serialisable(self._spec[name])
+                if serialisable(self._spec[name])
             },
-            "mask": self._mask.state_dict() if _serialisable(self._mask) else None,
+            "mask": self._mask.state_dict() if serialisable(self._mask) else None,
         }
         return sd
 
@@ -917,57 +708,29 @@ class DPAggZO(torch.optim.Optimizer):
           a run saved without a mask cannot be resumed with one.
         """
         sd = dict(state_dict)
-        zo = sd.pop(_STATE_KEY, None)
-        if not isinstance(zo, dict):
-            raise ValueError(f"state_dict has no {_STATE_KEY!r} entry: not from DPAggZO")
-        step = _check_int("step", zo["step"], minimum=0)
-        seed = _check_int("seed", zo["seed"], minimum=0)
-        scheduled = list(zo.get("scheduled", []))
-        saved_schedules = zo.get("schedules") or {}
-        spec = dict(self._spec)
-        for name in _SCHEDULABLE:
-            spec[name] = _resume_schedule(
-                name, self._spec[name], name in scheduled, saved_schedules.get(name), zo, step
-            )
-        if spec["clip_norm"] is None and callable(spec["noise_multiplier"]):
-            raise ValueError("clip_norm=None (MeZO) cannot be resumed with a σ schedule")
-        b = zo["expected_batch_size"]
-        b = None if b is None else _check_real("expected_batch_size", b, positive=True)
-        q = zo["sample_rate"]
-        q = None if q is None else _check_real("sample_rate", q, positive=True)
-        perturbation = check_perturbation(zo.get("perturbation", self._perturbation))
-        directions = check_kind(zo.get("directions", self._directions))
-        stream = zo.get("direction_stream", "v1")
-        trainable = [p for p, _ in self._trainable()]
-        if stream != DIRECTION_STREAM and stream_affects(trainable, directions):
-            raise ValueError(
-                f"state_dict was saved with direction stream {stream!r}, this zoprivacy "
-                f"generates {DIRECTION_STREAM!r}: its CPU Gaussian directions of tensors with "
-                "more than GAUSSIAN_CHUNK values differ, so the run would not continue the same "
-                "trajectory; resume with the zoprivacy version that wrote the checkpoint, or "
-                "start a new run"
-            )
-        difference = zo.get("difference", self._difference)
-        if difference not in DIFFERENCES:
-            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
-        mask = _resume_mask(self._mask, bool(zo.get("masked", False)), zo.get("mask"))
-        batched = zo.get("batched_directions", self._batched)
-        if batched is not None:
-            batched = _check_int("batched_directions", batched, minimum=1)
+        zo = saved_entry(sd)
+        sd.pop(STATE_KEY)
+        current = {
+            "spec": self._spec,
+            "mask": self._mask,
+            "perturbation": self._perturbation,
+            "directions": self._directions,
+            "difference": self._difference,
+            "batched": self._batched,
+        }
+        restored = read_state(zo, current, [p for p, _ in self._trainable()])
         for group in sd["param_groups"]:
-            _check_group(group)
+            check_group(group)
         noise = NoiseSource()
         noise.load_state_dict(zo["noise"])
         super().load_state_dict(sd)
-        self._step_count, self._seed, self._spec = step, seed, spec
-        self._expected_batch_size, self._sample_rate, self._noise = b, q, noise
-        self._perturbation, self._directions, self._difference = (
-            perturbation,
-            directions,
-            difference,
-        )
-        self._batched, self._mask = batched, mask
-        self._inplace, self._layout, self._checked_unseen = None, (), False
+        self._step_count, self._seed = restored["step"], restored["seed"]
+        self._spec, self._mask = restored["spec"], restored["mask"]
+        self._expected_batch_size = restored["expected_batch_size"]
+        self._sample_rate, self._noise = restored["sample_rate"], noise
+        self._perturbation, self._directions = restored["perturbation"], restored["directions"]
+        self._difference, self._batched = restored["difference"], restored["batched"]
+        self._paths = self._path_discovery()
         self._last_path = None
 
     @classmethod
@@ -1000,17 +763,15 @@ class DPAggZO(torch.optim.Optimizer):
             mask: the DP-ZOPO mask callable of the saved run, or None.
             **schedules: the saved run's schedules that are not the library's own.
         """
-        zo = state_dict.get(_STATE_KEY) if isinstance(state_dict, dict) else None
-        if not isinstance(zo, dict):
-            raise ValueError(f"state_dict has no {_STATE_KEY!r} entry: not from DPAggZO")
-        unknown = sorted(set(schedules) - set(_SCHEDULABLE))
+        zo = saved_entry(state_dict)
+        unknown = sorted(set(schedules) - set(SCHEDULABLE))
         if unknown:
             raise TypeError(
                 f"from_state_dict got unknown keyword(s) {unknown}: schedules may be given for "
-                f"{', '.join(_SCHEDULABLE)} only"
+                f"{', '.join(SCHEDULABLE)} only"
             )
         groups = state_dict.get("param_groups") or [{}]
-        hyper = {name: schedules.get(name, zo[name]) for name in _SCHEDULABLE}
+        hyper = {name: schedules.get(name, zo[name]) for name in SCHEDULABLE}
         optimizer = cls.__new__(cls)
         DPAggZO.__init__(
             optimizer,
@@ -1054,21 +815,20 @@ class DPAggZO(torch.optim.Optimizer):
         if not callable(losses):
             raise TypeError(f"losses must be callable (batch -> Tensor[|B|]), got {losses!r}")
         size = batch_size_of(batch)
-        step = self._step_count
-        cfg = self._config(step)
-        params = [p for p, _ in self._trainable()]
-        stream = self._stream(step, params)
-        pool = ScratchPool(params)
-        flags = self._inplace_flags(params)
+        entries = self._trainable()
+        params = [p for p, _ in entries]
+        cfg = self._resolve_step(entries)
+        flags = self._paths.flags(params)
         saved = [p.detach().clone() if f else None for p, f in zip(params, flags, strict=True)]
-        prober = Prober(params, stream, cfg.perturbation_scale, flags, pool)
-        cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        rng = _capture_rng(cuda_devices)
+        pool = ScratchPool(params)
+        prober = Prober(params, self._stream(cfg, params), cfg.perturbation_scale, flags, pool)
+        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        rng = capture_rng(devices)
         try:
             for sign in (0, +1, -1):
-                _restore_rng(rng, cuda_devices)
-                where = _where(0, sign)
-                prober.evaluate(lambda w=where: _evaluate(lambda: losses(batch), w, size), 0, sign)
+                restore_rng(rng, devices)
+                point = where(0, sign)
+                prober.evaluate(lambda p=point: evaluate(lambda: losses(batch), p, size), 0, sign)
         finally:
             prober.restore()
             for p, copy in zip(params, saved, strict=True):
@@ -1077,10 +837,46 @@ class DPAggZO(torch.optim.Optimizer):
             pool.release_all()
         check_per_sample(losses, batch)
 
+    # ------------------------------------------------------------------ public configuration
+    def config_fingerprint(self) -> bytes:
+        """An 8-byte digest of the public configuration of the next step.
+
+        It covers what makes two optimizers take the same step on the same data: K, c, σ, φ, b,
+        q, the public seed, the step count, whether the step is private, every trainable
+        tensor's η, weight decay, shape and dtype, the perturbation path, directions, difference
+        and batching, and a description of the schedules and the mask. Data-parallel ranks
+        compare it (:class:`~zoprivacy.distributed.DataParallel`). It holds no data.
+        """
+        entries = self._trainable()
+        return self._fingerprint(resolve_step(self._spec, self._step_count, entries, None))
+
+    def _fingerprint(self, cfg: StepConfig) -> bytes:
+        params = [p for p, _ in self._trainable()]
+        items = (
+            cfg.num_directions,
+            cfg.clip_norm,
+            cfg.noise_multiplier,
+            self._expected_batch_size,
+            cfg.perturbation_scale,
+            self._sample_rate,
+            self._seed,
+            cfg.step,
+            cfg.noisy and not self._noise.reproducible,
+            list(zip(cfg.lrs, cfg.weight_decays, strict=True)),
+            [(tuple(p.shape), str(p.dtype)) for p in params],
+            self._perturbation,
+            self._directions,
+            self._difference,
+            self._batched,
+            describe(self._mask),
+            tuple((name, describe(self._spec[name])) for name in self.scheduled),
+        )
+        return hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
+
     def _warn_if_not_private(self) -> None:
         if self._spec["clip_norm"] is None:
             msg = "clip_norm=None and noise_multiplier=0: this is non-private MeZO"
-        elif _resolve(self._spec["noise_multiplier"], 0) == 0:
+        elif resolve(self._spec["noise_multiplier"], 0) == 0:
             msg = "noise_multiplier=0: the steps are clipped but noiseless, hence not private"
         else:
             return
@@ -1171,239 +967,70 @@ class MeZO(DPAggZO):
         )
 
 
-# ---------------------------------------------------------------------- helpers
-def _serialisable(obj: object) -> bool:
-    """A library schedule or mask, which saves itself whole in ``DPAggZO.state_dict()``."""
-    from zoprivacy.optim.masks import FixedMask, MagnitudeMask, RandomMask
-    from zoprivacy.optim.schedules import Stagewise
-
-    return type(obj) in (Stagewise, MagnitudeMask, RandomMask, FixedMask)
-
-
-def _resume_schedule(
-    name: str, mine: Any, was_scheduled: bool, saved: dict[str, Any] | None, zo: dict, step: int
-) -> Any:
-    """The spec of hyper-parameter ``name`` after loading a checkpoint (see load_state_dict)."""
-    from zoprivacy.optim.schedules import schedule_from_state_dict
-
-    if not was_scheduled:
-        if callable(mine):
-            raise ValueError(
-                f"the checkpoint's {name} is the constant {zo[name]!r} but this optimizer has "
-                f"the schedule {mine!r}: build it with {name}={zo[name]!r} (or nothing) to resume"
-            )
-        return _check_hyper(name, zo[name], scheduled=False)
-    if saved is not None:
-        restored = schedule_from_state_dict(saved)
-        if not callable(mine):  # built without it (e.g. make_private's resume): restore it
-            _check_hyper(name, restored(step), scheduled=True, step=step)
-            return restored
-        if mine != restored:
-            raise ValueError(
-                f"the checkpoint's {name} schedule is {restored!r} but this optimizer's is "
-                f"{mine!r}: resume with the same schedule, or build the optimizer without one to "
-                "restore the checkpoint's"
-            )
-        return mine
-    if not callable(mine):
-        raise ValueError(
-            f"the checkpoint's {name} was a schedule: build the optimizer with the "
-            f"same schedule (a callable of the step) to resume it"
-        )
-    value = _check_hyper(name, mine(step), scheduled=True, step=step)
-    saved_value = _check_hyper(name, zo[name], scheduled=True, step=step)
-    if value != saved_value:
-        raise ValueError(
-            f"this optimizer's {name} schedule gives {value!r} at step {step}, the checkpoint "
-            f"saved {saved_value!r}: resume with the same schedule"
-        )
-    return mine
+# ---------------------------------------------------------------------- argument checks
+def _check_spec(num_directions: Any, clip_norm: Any, noise_multiplier: Any, phi: Any) -> dict:
+    """K, c, σ, φ: constants validated, schedules validated at step 0 (fail early)."""
+    spec: dict[str, Any] = {
+        "num_directions": num_directions,
+        "clip_norm": clip_norm,
+        "noise_multiplier": noise_multiplier,
+        "perturbation_scale": phi,
+    }
+    for name, value in spec.items():
+        if callable(value):
+            check_hyper(name, value(0), scheduled=True)
+        else:
+            spec[name] = check_hyper(name, value, scheduled=False)
+    return spec
 
 
-def _resume_mask(mine: Any, masked: bool, saved: dict[str, Any] | None) -> Any:
-    """The mask after loading a checkpoint (see load_state_dict)."""
-    from zoprivacy.optim.masks import mask_from_state_dict
-
-    if not masked:
-        if mine is not None:
-            raise ValueError(
-                f"the checkpoint was taken without a mask but this optimizer has {mine!r}: "
-                "build it with mask=None to resume"
-            )
+def _check_batched(batched: Any, perturbation: str) -> int | None:
+    if batched is None:
         return None
-    if saved is not None:
-        restored = mask_from_state_dict(saved)
-        if mine is None:
-            return restored
-        if mine != restored:
-            raise ValueError(
-                f"the checkpoint's mask is {restored!r} but this optimizer's is {mine!r}: resume "
-                "with the same mask, or with mask=None to restore the checkpoint's"
-            )
-        return mine
-    if mine is None:
-        raise ValueError("the checkpoint was taken with a mask: pass the same mask to resume")
-    return mine
-
-
-def _resolve(spec: Any, step: int) -> Any:
-    return spec(step) if callable(spec) else spec
-
-
-def _check_hyper(name: str, value: object, *, scheduled: bool, step: int | None = None) -> Any:
-    """Validate one (possibly scheduled) hyper-parameter value."""
-    where = f"{name}" if step is None or not scheduled else f"{name} (at step {step})"
-    if name == "num_directions":
-        return _check_int(where, value, minimum=1)
-    if name == "clip_norm":
-        return None if value is None else _check_real(where, value, positive=True)
-    if name == "noise_multiplier":
-        return _check_real(where, value, minimum=0.0)
-    return _check_real(where, value, positive=True)  # perturbation_scale
-
-
-def _check_real(
-    name: str, value: object, *, minimum: float | None = None, positive: bool = False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
-    if minimum is not None and x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return x
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    x = int(value)
-    if x < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {x}")
-    return x
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    _check_real("lr", group["lr"], minimum=0.0)
-    _check_real("weight_decay", group["weight_decay"], minimum=0.0)
-
-
-def _capture_rng(cuda_devices: list[torch.device]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
-
-
-def _restore_rng(
-    state: tuple[torch.Tensor, list[torch.Tensor]], cuda_devices: list[torch.device]
-) -> None:
-    torch.set_rng_state(state[0])
-    for dev, s in zip(cuda_devices, state[1], strict=True):
-        torch.cuda.set_rng_state(s, dev)
-
-
-def _indices(mask: torch.Tensor) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    more = f" (and {len(idx) - _MAX_LISTED} more)" if len(idx) > _MAX_LISTED else ""
-    return f"{idx[:_MAX_LISTED]}{more}"
-
-
-def _where(k: int, sign: int) -> str:
-    if sign == 0:
-        return "the unperturbed θ (forward differences)"
-    return f"direction k={k} (θ{'+' if sign > 0 else '-'}φ·z_k)"
-
-
-def _difference(delta: torch.Tensor, k: int) -> torch.Tensor:
-    bad = ~torch.isfinite(delta)
-    if bool(bad.any()):
-        raise _bad(
-            ValueError,
-            f"the loss difference overflows float64 for records {_indices(bad)} at "
-            f"direction k={k}; the losses are too large: rescale the loss",
+    batched = checks.integer("batched_directions", batched, minimum=1)
+    if perturbation == "inplace":
+        raise ValueError(
+            "batched_directions evaluates stacked perturbed copies through the "
+            "substitution path; it cannot be combined with perturbation='inplace'"
         )
-    return delta
+    return batched
 
 
-def _bad(kind: type[Exception], message: str) -> Exception:
-    exc = kind(message)
-    exc.bad_closure_output = True  # type: ignore[attr-defined]
-    return exc
-
-
-def _explain_bad_output(exc: BaseException, step: int, *, charged: bool) -> None:
-    """Append to a bad-output error what it cost and how to find such bugs for free (defect 5)."""
-    if not getattr(exc, "bad_closure_output", False) or not exc.args:
+def _check_mode(spec: dict, b: float | None, accountant: Any, q: float | None) -> None:
+    """DP, clipped-noiseless or MeZO: the combinations that make sense (class docstring)."""
+    clip0 = resolve(spec["clip_norm"], 0)
+    sigma0 = resolve(spec["noise_multiplier"], 0)
+    if clip0 is None and sigma0 > 0:
+        raise ValueError(
+            f"clip_norm=None with noise_multiplier={sigma0}: the noise std is σ·c, "
+            "so a clip norm is required. Pass clip_norm=c > 0, or noise_multiplier=0 for "
+            "non-private MeZO."
+        )
+    if clip0 is not None and b is None:
+        raise ValueError(
+            "expected_batch_size is required when clip_norm is set: the update is normalised "
+            "by the public b = q·ñ, never by the private |B|. Pass expected_batch_size=b > 0."
+        )
+    if accountant is None:
         return
-    cost = (
-        f"DPAggZO step {step} was already charged to the accountant: the closure had read the "
-        "data before its output could be checked, so this step's privacy budget is spent. "
-        if charged
-        else ""
-    )
-    exc.args = (
-        f"{exc.args[0]}. {cost}Find such closure bugs for free, on a batch you declare public "
-        "or synthetic, with DPAggZO.check_closure(losses, batch) (or "
-        "PrivateTraining.dry_run(batch)) before training",
-        *exc.args[1:],
-    )
-
-
-def _evaluate(closure: Closure, where: str, batch: int | None) -> torch.Tensor:
-    """Call the closure once and check its output; returns the losses as float64 on CPU."""
-    return _check_losses(closure(), where, batch)
-
-
-def _check_losses(out: object, where: str, batch: int | None) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise _bad(
-            TypeError,
-            f"closure must return a torch.Tensor of per-record losses, got "
-            f"{type(out).__name__} at {where}",
+    if not callable(getattr(accountant, "step", None)):
+        raise TypeError("accountant must have a step(noise_multiplier, sample_rate, steps)")
+    if q is None:
+        raise ValueError(
+            "sample_rate is required with an accountant: pass the Poisson rate q in (0, 1]"
         )
-    if out.dim() != 1:
-        raise _bad(
-            ValueError,
-            f"closure must return a 1-D tensor of shape [|B|] (one loss per record, e.g. "
-            f"reduction='none'), got shape {tuple(out.shape)} at {where}",
+    if clip0 is None or sigma0 <= 0:
+        raise ValueError(
+            "an accountant needs a private configuration: clip_norm > 0 and "
+            "noise_multiplier > 0 (a noiseless step has infinite privacy cost)"
         )
-    if not out.is_floating_point():
-        raise _bad(
-            TypeError, f"closure must return floating-point losses, got {out.dtype} at {where}"
-        )
-    if batch is not None and out.numel() != batch:
-        raise _bad(
-            ValueError,
-            f"closure returned {out.numel()} losses at {where} but {batch} at the first "
-            "evaluation of the step: every evaluation of one step must see the same batch",
-        )
-    losses = out.detach().to(device="cpu", dtype=torch.float64)
-    bad = ~torch.isfinite(losses)
-    if bool(bad.any()):
-        raise _bad(
-            ValueError,
-            f"closure returned NaN/inf losses for records {_indices(bad)} at {where}; fix the "
-            "loss (e.g. log(0), float16 overflow) or lower perturbation_scale",
-        )
-    return losses
 
 
-def _check_batched(out: object, points: list[tuple[int, int]], batch: int | None) -> torch.Tensor:
-    """Check the vmapped output [len(points), |B|] row by row; returns float64 CPU rows."""
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(points):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise _bad(
-            ValueError,
-            f"batched_directions: the vmapped closure returned {shape}, expected "
-            f"[{len(points)}, |B|] (one 1-D tensor of per-record losses per point)",
+def _check_closure_argument(closure: object) -> None:
+    if closure is None:
+        raise ValueError(
+            "DPAggZO.step needs a closure returning the per-record losses (shape [|B|]) of "
+            "the current batch, evaluated without backward(): opt.step(lambda: losses(model))"
         )
-    rows = [_check_losses(out[j], _where(k, s), batch) for j, (k, s) in enumerate(points)]
-    return torch.stack(rows)
-
-
-def _row_norms(a: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row, scaled by the row's max |entry| so that huge values do not overflow."""
-    m = a.abs().amax(dim=1)
-    safe = torch.where(m > 0, m, torch.ones_like(m))
-    return m * torch.linalg.vector_norm(a / safe[:, None], dim=1)
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")

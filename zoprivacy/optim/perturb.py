@@ -51,9 +51,12 @@ from zoprivacy.optim.directions import DirectionStream
 __all__ = [
     "PERTURBATION_PATHS",
     "ParameterSubstitution",
+    "PathDiscovery",
     "Prober",
     "ScratchPool",
+    "capture_rng",
     "check_perturbation",
+    "restore_rng",
 ]
 
 PERTURBATION_PATHS = ("auto", "hooks", "inplace")
@@ -318,6 +321,13 @@ class Prober:
         """Tensors substituted during the last :meth:`evaluate`."""
         return self._mode.seen
 
+    @property
+    def path(self) -> str:
+        """``"hooks"`` (no tensor in place), ``"inplace"`` (all) or ``"mixed"``."""
+        if not any(self.inplace):
+            return "hooks"
+        return "inplace" if all(self.inplace) else "mixed"
+
     def unseen(self) -> list[int]:
         """Substituted-path tensors that the last evaluation did not read through torch calls."""
         return [i for i, ip in enumerate(self.inplace) if not ip and i not in self._mode.seen]
@@ -420,6 +430,67 @@ class Prober:
 
         out = torch.func.vmap(run, randomness="same")(*stacks)
         self._mode.seen = seen
+        return out
+
+
+def capture_rng(cuda_devices: list[torch.device]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The torch RNG state (CPU, and CUDA for ``cuda_devices``) before an evaluation."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
+
+
+def restore_rng(
+    state: tuple[torch.Tensor, list[torch.Tensor]], cuda_devices: list[torch.device]
+) -> None:
+    """Reset the torch RNG to :func:`capture_rng`'s state (same randomness at θ ± φz_k)."""
+    torch.set_rng_state(state[0])
+    for dev, s in zip(cuda_devices, state[1], strict=True):
+        torch.cuda.set_rng_state(s, dev)
+
+
+class PathDiscovery:
+    """Which trainable tensors are perturbed in place: the discovery of ``perturbation="auto"``.
+
+    On the first perturbed evaluation with at least one record, any tensor the substitution did
+    not see moves to the in-place path (and that evaluation is redone). With ``fixed`` (a
+    data-parallel run or batched directions, where every rank and point must take the same path)
+    nothing moves: unseen tensors only raise a warning naming ``label``'s path.
+    """
+
+    def __init__(self, perturbation: str, *, fixed: bool, label: str = "hooks") -> None:
+        self.perturbation = check_perturbation(perturbation)
+        self.fixed = fixed
+        self.label = label
+        self.inplace: frozenset[int] | None = None  # None: not known yet
+        self._layout: tuple[int, ...] = ()
+        self._checked = False
+
+    def flags(self, params: Sequence[torch.Tensor]) -> list[bool]:
+        """Which of ``params`` use the in-place path this step (a new trainable set: find out
+        again)."""
+        layout = tuple(id(p) for p in params)
+        if layout != self._layout:
+            self._layout, self.inplace, self._checked = layout, None, False
+        if self.perturbation == "inplace":
+            return [True] * len(params)
+        inplace = self.inplace or frozenset()
+        return [i in inplace for i in range(len(params))]
+
+    def discover(
+        self, prober: Prober, out: torch.Tensor, redo: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """After a perturbed evaluation: settle which tensors the substitution cannot see."""
+        if self._checked or self.perturbation == "inplace" or out.numel() == 0:
+            return out
+        self._checked = True
+        unseen = prober.unseen()
+        if self.perturbation == "auto" and not self.fixed:
+            self.inplace = frozenset(unseen)
+            if unseen:
+                prober.set_inplace(unseen)
+                return redo()  # that evaluation missed their perturbation: run it again
+            return out
+        self.inplace = frozenset()
+        warn_unseen(prober.params, unseen, self.label)
         return out
 
 
