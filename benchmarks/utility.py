@@ -273,7 +273,8 @@ def run_one(
     clip = _clip_norm(method, k)
     done, privacy, eps_spent = 0, {}, 0.0
     if method != "zeroshot":
-        done, privacy, eps_spent = _train(feats, method, k, epsilon, seed, lr, steps, clip)
+        settings = _settings(method, k, epsilon, seed, lr, steps, clip)
+        done, privacy, eps_spent = _train(feats, settings)
     wall = time.monotonic() - started
     peak = _peak_rss_mib()
     feats.classifier.model.eval()
@@ -324,22 +325,11 @@ def _clip_norm(method: str, k: int | None) -> float | None:
     return None
 
 
-def _train(
-    feats: TaskFeatures,
-    method: str,
-    k: int | None,
-    epsilon: float | None,
-    seed: int,
-    lr: float,
-    steps: int,
-    clip: float | None,
-) -> tuple[int, dict[str, Any], float]:
-    """Run the job's trainer on the cached training features: (steps done, privacy, ε spent)."""
-    from zoprivacy.accounting import PrivacyBudgetExceeded
-    from zoprivacy.finetune._train import TrainSettings, make_trainer
-    from zoprivacy.tasks import TensorDictDataset
+def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip) -> Any:
+    """The job's trainer settings for one run (``k``, ``eps``, ``clip``: None when unused)."""
+    from zoprivacy.finetune._train import TrainSettings
 
-    settings = TrainSettings(
+    return TrainSettings(
         method=method,
         steps=steps,
         lr=lr,
@@ -348,10 +338,18 @@ def _train(
         clip_norm=math.inf if clip is None else clip,
         perturbation_scale=PERTURBATION_SCALE,
         weight_decay=0.0,
-        epsilon=2.0 if epsilon is None else epsilon,
+        epsilon=2.0 if eps is None else eps,
         delta=DELTA,
         seed=seed,
     )
+
+
+def _train(feats: TaskFeatures, settings: Any) -> tuple[int, dict[str, Any], float]:
+    """Run the job's trainer on the cached training features: (steps done, privacy, ε spent)."""
+    from zoprivacy.accounting import PrivacyBudgetExceeded
+    from zoprivacy.finetune._train import make_trainer
+    from zoprivacy.tasks import TensorDictDataset
+
     train = feats.features["train"]
     dataset = TensorDictDataset({"hidden": train["hidden"], "labels": train["labels"]})
     with warnings.catch_warnings():

@@ -44,8 +44,9 @@ def smollm2():
     return model, tok
 
 
-def _step(model, losses, batch, seed=3):
-    params = [p for p in model.parameters() if p.requires_grad]
+def _step(model, losses, batch, seed=3, extra=()):
+    """One DP-AggZO step (K = 2) on the model's trainable tensors and ``extra`` ones."""
+    params = [*[p for p in model.parameters() if p.requires_grad], *extra]
     opt = DPAggZO(
         params,
         1e-3,
@@ -133,18 +134,7 @@ def test_smollm2_label_word_head_with_cached_prefix(smollm2):
     model.lm_head.weight.requires_grad_(False)
 
     before = [p.detach().clone() for p in [*model.parameters(), head.weight]]
-    params = [*[p for p in model.parameters() if p.requires_grad], head.weight]
-    opt = DPAggZO(
-        params,
-        1e-3,
-        num_directions=2,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        expected_batch_size=4,
-        seed=5,
-        noise_seed=1,
-    )
-    stats = opt.step(lambda: cached(batch))
+    stats = _step(model, cached, batch, seed=5, extra=[head.weight])
     assert stats.perturbation_path == "hooks" and cache.hits == 4  # 3 in the step, 1 above
     assert not torch.equal(head.weight, before[-1])
     assert torch.equal(model.model.embed_tokens.weight, before[0])

@@ -145,16 +145,21 @@ def test_training_mode_is_refused(minilm):
 # --------------------------------------------------------------------------------------------
 
 
-def full_logits_prompt_reference(model, batch, label_ids):
-    """The straightforward (wasteful) computation: full logits, then pick the answer position."""
+def full_lm_logits(model, batch):
+    """The causal LM's full ``[B, L, vocab]`` logits, positions counted over real tokens."""
     mask = batch["attention_mask"]
     with torch.inference_mode():
-        logits = model(
+        return model(
             input_ids=batch["input_ids"],
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
         ).logits
-    pos = tasks.answer_positions(mask)
+
+
+def full_logits_prompt_reference(model, batch, label_ids):
+    """The straightforward (wasteful) computation: full logits, then pick the answer position."""
+    logits = full_lm_logits(model, batch)
+    pos = tasks.answer_positions(batch["attention_mask"])
     picked = logits[torch.arange(len(pos)), pos][:, label_ids]
     return F.cross_entropy(picked.double(), batch["labels"], reduction="none")
 
@@ -192,16 +197,11 @@ def test_public_label_word_helpers_match_the_full_lm_head(smollm):
     batch, ids = tasks.encode_prompts(tok, TEXTS, LABELS)
     decoder, head = tasks.decoder_and_head(model)
     assert decoder is model.model and head is model.lm_head
-    mask = batch["attention_mask"]
+    full = full_lm_logits(model, batch)
     with torch.inference_mode():
-        full = model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        ).logits
         answer = tasks.answer_hidden_states(model, batch)
         picked = tasks.lm_head_logits(model, answer, torch.tensor(ids))
-    pos = tasks.answer_positions(mask)
+    pos = tasks.answer_positions(batch["attention_mask"])
     torch.testing.assert_close(picked, full[torch.arange(4), pos][:, ids], atol=1e-4, rtol=1e-4)
     assert tasks.class_labels(batch, 2, torch.device("cpu")).tolist() == LABELS
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
@@ -241,13 +241,8 @@ def test_causal_lm_target_losses_are_per_sample(smollm, tokenizer_side, side):
     losses_fn = partial(tasks.causal_lm_target_losses, model)
     losses = losses_fn(batch)
     assert losses.shape == (4,)
-    mask, labels = batch["attention_mask"], batch["labels"]
-    with torch.inference_mode():
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        ).logits
+    labels = batch["labels"]
+    logits = full_lm_logits(model, batch)
     token = F.cross_entropy(
         logits[:, :-1].double().transpose(1, 2), labels[:, 1:], reduction="none"
     )
