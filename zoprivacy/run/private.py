@@ -4,9 +4,10 @@
 public expected batch size b = q·ñ (line 2) and calibrates σ for the target (ε, δ) (Lemma 5);
 :func:`make_private` adds the Poisson loader (line 4) and the optimizer that charges the budgeted
 accountant at every step. :class:`PrivateTraining` bundles them and checkpoints all of it
-(parameters, optimizer, accountant, ñ, the journal's position) atomically; with the write-ahead
-journal (:mod:`~zoprivacy.run.checkpoint`) a resumed run never re-spends the size release, never
-re-releases a step and never leaves one uncharged.
+(parameters, optimizer, accountant, ñ, the journal's position) atomically. The write-ahead
+journal is kept by default (:mod:`~zoprivacy.run.checkpoint`), so a resumed run never re-spends the
+size release, never re-releases a step and never leaves one uncharged; a resume that cannot
+guarantee this is refused unless the caller opts out explicitly with ``journal=False``.
 """
 
 from __future__ import annotations
