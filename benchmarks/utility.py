@@ -11,7 +11,7 @@ Protocol (README_utility.md has the full description and the results):
   trainable (``minilm``), or SmolLM2-135M-Instruct answering with label words with only its final
   norm trainable (``smollm2``, the job's default ``head``). The frozen prefix's output (MiniLM's
   pooled output; SmolLM2's last decoder state at the answer position) is computed once per task
-  by the job's frozen-prefix cache (:meth:`~zoprivacy.finetune._setup.Classifier.build_cache`,
+  by the job's frozen-prefix cache (:meth:`zoprivacy.finetune.Classifier.build_cache`,
   checked against the full model on test records) and every loss, gradient and accuracy reads
   it;
 * methods: DP-AggZO (K = 16, 64), DPZO (K = 1), MeZO (K = 16), DP-AdamW (Opacus, the job's
@@ -23,7 +23,7 @@ Protocol (README_utility.md has the full description and the results):
 * budgets: every method runs T steps (``--steps``). DPZO is also run at the forward-pass budget
   of DP-AggZO K = 64 (64 T steps), capped at ``--dpzo-cap`` steps (row key ``comparison``).
 
-Each run calls the job's own trainers (:func:`zoprivacy.finetune._train.make_trainer`) in this
+Each run calls the job's own trainers (:func:`zoprivacy.finetune.make_trainer`) in this
 process, so the privacy accounting, clipping and noise are exactly the job's. Results are
 appended to ``utility.json`` (a list of rows) after every run; an interrupted run resumes and
 skips the rows already there.
@@ -136,7 +136,7 @@ class TaskFeatures:
         cache_dir: Path | None,
         model: str = "minilm",
     ) -> None:
-        from zoprivacy.finetune._setup import TASK_DEFAULTS, load_classifier, load_task
+        from zoprivacy.finetune import TASK_DEFAULTS, load_classifier, load_task
 
         self.task = task
         self.model = model
@@ -327,7 +327,7 @@ def _clip_norm(method: str, k: int | None) -> float | None:
 
 def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip) -> Any:
     """The job's trainer settings for one run (``k``, ``eps``, ``clip``: None when unused)."""
-    from zoprivacy.finetune._train import TrainSettings
+    from zoprivacy.finetune import TrainSettings
 
     return TrainSettings(
         method=method,
@@ -347,7 +347,7 @@ def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip) -> An
 def _train(feats: TaskFeatures, settings: Any) -> tuple[int, dict[str, Any], float]:
     """Run the job's trainer on the cached training features: (steps done, privacy, ε spent)."""
     from zoprivacy.accounting import PrivacyBudgetExceeded
-    from zoprivacy.finetune._train import make_trainer
+    from zoprivacy.finetune import make_trainer
     from zoprivacy.tasks import TensorDictDataset
 
     train = feats.features["train"]
