@@ -1,0 +1,388 @@
+"""Any Hugging Face folder as a model of the job (zoprivacy.finetune.user_model), offline.
+
+Tiny random models of five families (BERT, RoBERTa, GPT-2, OPT, Llama; hidden 16, 2 layers) are
+saved with a tiny word-level tokenizer into temporary folders, as ``save_pretrained`` writes them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoprivacy import tasks
+from zoprivacy.finetune._setup import SetupError
+from zoprivacy.finetune.user_model import (
+    LoraOptions,
+    detect_kind,
+    load_model,
+    lora_default_targets,
+    parse_trainable_spec,
+    select_trainable,
+)
+from zoprivacy.optim.optimizer import DPAggZO
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+WORDS = (
+    "[PAD] [UNK] [EOS] Text Label : good bad film fine dull loved it a the plot acting "
+    "positive negative neutral sports politics very not"
+).split()
+TEXTS = ["good film", "bad plot", "loved it", "dull acting very dull", "a fine film", "not good"]
+LABELS = [0, 1, 0, 1, 0, 1]
+NAMES = ("positive", "negative")
+TINY = {"vocab_size": len(WORDS), "max_position_embeddings": 64}
+
+
+def _tokenizer(*, pad: bool, side: str = "right"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"unk_token": "[UNK]", "eos_token": "[EOS]"}
+    if pad:
+        special["pad_token"] = "[PAD]"
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, padding_side=side, **special
+    )
+
+
+def _families():
+    """family -> (model built from a tiny config, tokenizer with a pad token?, padding side)."""
+    t = transformers
+    enc = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    enc |= {"intermediate_size": 32, "pad_token_id": 0, **TINY}
+    dec = {"bos_token_id": 2, "eos_token_id": 2}
+    return {
+        "bert": (lambda: t.BertModel(t.BertConfig(**enc), add_pooling_layer=False), True, "right"),
+        "roberta": (
+            lambda: t.RobertaForSequenceClassification(t.RobertaConfig(num_labels=2, **enc)),
+            True,
+            "right",
+        ),
+        "gpt2": (
+            lambda: t.GPT2LMHeadModel(
+                t.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **dec, **TINY)
+            ),
+            False,
+            "right",
+        ),
+        "opt": (
+            lambda: t.OPTForCausalLM(
+                t.OPTConfig(
+                    hidden_size=16,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    ffn_dim=32,
+                    word_embed_proj_dim=16,
+                    pad_token_id=0,
+                    **dec,
+                    **TINY,
+                )
+            ),
+            True,
+            "left",
+        ),
+        "llama": (
+            lambda: t.LlamaForCausalLM(
+                t.LlamaConfig(
+                    hidden_size=16,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    intermediate_size=32,
+                    **dec,
+                    **TINY,
+                )
+            ),
+            False,
+            "left",
+        ),
+    }
+
+
+KIND = {"bert": "classifier", "roberta": "classifier", "gpt2": "causal", "opt": "causal"}
+KIND["llama"] = "causal"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> folder with config, weights and tokenizer (built once per module)."""
+    out = {}
+    for family, (build, pad, side) in _families().items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build()
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        _tokenizer(pad=pad, side=side).save_pretrained(folder)
+        out[family] = folder
+    return out
+
+
+def _load(folders, family, **kw):
+    kw.setdefault("label_names", NAMES)
+    return load_model(str(folders[family]), seed=kw.pop("seed", 0), **kw)
+
+
+# ------------------------------------------------------------------ loading
+
+
+@pytest.mark.parametrize("family", sorted(KIND))
+def test_kind_is_detected_from_the_config(folders, family):
+    config = transformers.AutoConfig.from_pretrained(folders[family], local_files_only=True)
+    assert detect_kind(config) == KIND[family]
+    loaded = _load(folders, family)
+    assert loaded.kind == KIND[family]
+    assert loaded.model_type == family
+    assert not loaded.model.training
+    expected = (
+        transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+        if KIND[family] == "classifier"
+        else transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    assert type(loaded.model) is expected[type(loaded.model.config)]
+
+
+def test_kind_override_makes_a_causal_lm_a_classifier_with_a_fresh_head(folders):
+    loaded = _load(folders, "gpt2", kind="classifier")
+    assert isinstance(loaded.model, transformers.GPT2ForSequenceClassification)
+    assert loaded.fresh_modules == ("score",)
+    # the pad token (eos, set here) is what GPT-2 uses to find each record's last token
+    assert loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id == 2
+
+
+def test_fresh_head_is_seeded_by_the_public_seed_only(folders):
+    before = torch.random.get_rng_state()
+    a = _load(folders, "bert", seed=3)
+    b = _load(folders, "bert", seed=3)
+    c = _load(folders, "bert", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
+    assert a.fresh_modules == ("bert.pooler.dense", "classifier")
+    head = "classifier.weight"
+    sa, sb, sc = (dict(m.model.named_parameters()) for m in (a, b, c))
+    assert sa[head].shape == (2, 16)
+    assert torch.equal(sa[head], sb[head]) and not torch.equal(sa[head], sc[head])
+    assert torch.equal(sa["bert.encoder.layer.0.attention.self.query.weight"],
+                       sc["bert.encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+    assert a.model.config.id2label == {0: "positive", 1: "negative"}
+
+
+def test_a_saved_head_is_kept_and_a_wrong_label_count_refused(folders):
+    saved = transformers.RobertaForSequenceClassification.from_pretrained(folders["roberta"])
+    loaded = _load(folders, "roberta", seed=9)
+    assert loaded.fresh_modules == ()
+    for name, p in saved.named_parameters():
+        assert torch.equal(p, dict(loaded.model.named_parameters())[name]), name
+    with pytest.raises(SetupError, match="head of 2 labels"):
+        _load(folders, "roberta", label_names=("a", "b", "c"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_causal_lm_pad_token_padding_side_and_label_words(folders, family):
+    loaded = _load(folders, family)
+    tok = loaded.tokenizer
+    assert tok.pad_token is not None
+    if family != "opt":  # saved without a pad token: eos
+        assert tok.pad_token == tok.eos_token
+    assert tok.padding_side == _families()[family][2]  # as the tokenizer was saved
+    assert loaded.label_words == (" positive", " negative")
+    assert loaded.label_word_ids == [WORDS.index("positive"), WORDS.index("negative")]
+    batch, ids = tasks.encode_prompts(
+        tok, TEXTS, LABELS, loaded.template, loaded.label_words, max_length=16
+    )
+    assert ids == loaded.label_word_ids
+    assert tasks.prompt_classification_losses(loaded.model, batch, ids).shape == (len(TEXTS),)
+
+
+def test_prompt_braces_and_placeholder(folders):
+    loaded = _load(folders, "gpt2", prompt="{json} Text: {text} Label:")
+    assert loaded.template.format(s="good") == "{json} Text: good Label:"
+    with pytest.raises(SetupError, match="placeholder"):
+        _load(folders, "gpt2", prompt="Text: {s}")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"label_names": ("very good", "bad")}, "--label-words"),
+        ({"label_words": [" good film", " bad"]}, "--label-words.*2 tokens"),
+        ({"label_words": [" good"]}, "one word per label"),
+        ({"label_names": ("a", "a")}, "distinct"),
+    ],
+)
+def test_bad_label_words_are_refused_clearly(folders, kw, match):
+    with pytest.raises(SetupError, match=match):
+        _load(folders, "gpt2", **kw)
+
+
+def test_generation_target_needs_no_label_words(folders):
+    loaded = _load(folders, "llama", label_names=None)
+    assert loaded.label_names is None and loaded.label_words is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"kind": "encoder"}, "--model-kind"),
+        ({"device": "tpu"}, "--device"),
+        ({"dtype": "float64"}, "--dtype"),
+    ],
+)
+def test_bad_options_name_the_flag(folders, kw, match):
+    with pytest.raises(SetupError, match=match):
+        _load(folders, "bert", **kw)
+
+
+def test_a_missing_folder_is_refused_without_download(tmp_path):
+    with pytest.raises(SetupError, match="nothing is downloaded"):
+        load_model(str(tmp_path / "nope"), label_names=NAMES)
+    with pytest.raises(SetupError, match="nothing is downloaded"):
+        load_model("some-org/some-model", label_names=NAMES)
+
+
+# ------------------------------------------------------------------ trainable selection
+
+
+def test_parse_trainable_spec():
+    assert parse_trainable_spec("head+last2") == ({"head"}, 2, None)
+    assert parse_trainable_spec("bias,classifier") == ({"bias", "classifier"}, 0, None)
+    assert parse_trainable_spec("lora") == (set(), 0, LoraOptions())
+    parts, last, lora = parse_trainable_spec("head+lora:r=4,alpha=8,targets=q_proj+v_proj")
+    assert (parts, last) == ({"head"}, 0)
+    assert lora == LoraOptions(r=4, alpha=8.0, targets=("q_proj", "v_proj"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("head+top", "unknown part 'top'"),
+        ("last0", "N >= 1"),
+        ("lora:r=0", "bad LoRA option 'r=0'"),
+        ("lora:rank=4", "bad LoRA option"),
+        ("lora:r=8+head", "lora last"),
+        ("", "names nothing"),
+    ],
+)
+def test_bad_trainable_specs_name_the_flag(spec, match):
+    with pytest.raises(SetupError, match=rf"--trainable.*{match}"):
+        parse_trainable_spec(spec)
+
+
+def _plain_names(selection):
+    return {n.removeprefix("base_model.model.") for n in selection.names}
+
+
+def _is_bias(name):
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+@pytest.mark.parametrize(
+    ("family", "spec", "expected"),
+    [
+        ("bert", "classifier", lambda n: n.startswith("classifier.")),
+        ("bert", "head", lambda n: n.startswith(("classifier.", "bert.pooler."))),
+        ("bert", "last1", lambda n: n.startswith("bert.encoder.layer.1.")),
+        (
+            "roberta",
+            "head+last1",
+            lambda n: n.startswith(("classifier.", "roberta.encoder.layer.1.")),
+        ),
+        ("gpt2", "head", lambda n: n.startswith("transformer.ln_f.")),
+        ("opt", "head", lambda n: n.startswith("model.decoder.final_layer_norm.")),
+        ("llama", "head+last1", lambda n: n.startswith(("model.norm.", "model.layers.1."))),
+        ("bert", "bias", _is_bias),
+        ("opt", "bias", _is_bias),
+        ("gpt2", "all", lambda n: True),
+    ],
+)
+def test_select_trainable_marks_exactly_the_named_parts(folders, family, spec, expected):
+    loaded = _load(folders, family)
+    selection = select_trainable(loaded, spec)
+    every = dict(loaded.model.named_parameters())
+    wanted = {n for n in every if expected(n)}
+    assert wanted and set(selection.names) == wanted
+    assert all(p.requires_grad == (n in wanted) for n, p in every.items())
+    assert selection.num_trainable() == sum(every[n].numel() for n in wanted)
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [("bert", ("query", "value")), ("gpt2", ("c_attn",)), ("opt", ("q_proj", "v_proj"))],
+)
+def test_lora_trains_only_the_adapters_on_default_targets(folders, family, targets):
+    loaded = _load(folders, family)
+    assert lora_default_targets(loaded.model) == targets
+    selection = select_trainable(loaded, "lora:r=2,alpha=4", seed=1)
+    assert isinstance(selection.model, peft.PeftModel) and loaded.model is selection.model
+    assert selection.names and all(".lora_" in n for n in selection.names)
+    # A and B on every target of both layers
+    assert len(selection.names) == 2 * len(targets) * 2
+    assert selection.model.peft_config["default"].r == 2
+
+
+def test_lora_with_head_saves_and_trains_the_classifier_copy(folders):
+    loaded = _load(folders, "bert")
+    selection = select_trainable(loaded, "classifier+lora:targets=query")
+    heads = {n for n in selection.names if ".lora_" not in n}
+    assert heads == {
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    }
+    frozen_save = selection.model.peft_config["default"].modules_to_save
+    assert {"classifier", "bert.pooler.dense"} <= set(frozen_save)  # fresh modules kept
+
+
+@pytest.mark.parametrize(
+    ("family", "spec", "match"),
+    [
+        ("llama", "bias", "selects no parameter"),
+        ("gpt2", "classifier", "classifier applies to a classifier"),
+        ("bert", "last3", "only 2 layers"),
+        ("opt", "lora:targets=query", r"not linear modules.*q_proj"),
+    ],
+)
+def test_selection_errors_name_the_flag(folders, family, spec, match):
+    with pytest.raises(SetupError, match=rf"--trainable.*{match}|{match}"):
+        select_trainable(_load(folders, family), spec)
+
+
+def _losses_fn(loaded):
+    if loaded.kind == "classifier":
+        batch = tasks.encode_classification(loaded.tokenizer, TEXTS, LABELS, 16)
+        return batch, lambda: tasks.sequence_classification_losses(loaded.model, batch)
+    batch, ids = tasks.encode_prompts(
+        loaded.tokenizer, TEXTS, LABELS, loaded.template, loaded.label_words, max_length=16
+    )
+    return batch, lambda: tasks.prompt_classification_losses(loaded.model, batch, ids)
+
+
+@pytest.mark.parametrize(
+    ("family", "spec"),
+    [("bert", "head+last1"), ("roberta", "bias"), ("gpt2", "lora:r=2"), ("llama", "head")],
+)
+def test_one_dpaggzo_step_moves_only_the_trainable_tensors(folders, family, spec):
+    loaded = _load(folders, family)
+    selection = select_trainable(loaded, spec)
+    model = selection.model
+    _, closure = _losses_fn(loaded)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = DPAggZO(
+        selection.parameters(),
+        0.05,
+        num_directions=2,
+        clip_norm=1.0,
+        noise_multiplier=0.5,
+        expected_batch_size=len(TEXTS),
+        seed=1,
+        noise_seed=2,
+    )
+    opt.step(closure)
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name in selection.names), name
