@@ -41,7 +41,8 @@ def _shapes(model: str) -> list[torch.Size]:
 
 
 def run(model: str, threads: int, repeats: int) -> dict[str, Any]:
-    from zoprivacy.optim.directions import DirectionStream, scratch_buffers, set_generation_threads
+    from benchmarks._directions import scratch_buffers
+    from zoprivacy.optim.directions import DirectionStream, set_generation_threads
 
     tensors = [torch.empty(shape) for shape in _shapes(model)]
     scratch = scratch_buffers(tensors)

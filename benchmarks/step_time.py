@@ -57,6 +57,8 @@ for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import torch  # noqa: E402  (after the thread settings)
 
+from zoprivacy.optim.algorithm import clip_rows  # noqa: E402
+
 KS = (1, 4, 16, 64)
 QUICK_KS = (1, 4)
 LR = 1e-6
@@ -152,11 +154,11 @@ class PaperStyleDPAggZO:
 def clip_and_noise(
     agg: torch.Tensor, clip: float, sigma: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Σ_x Δ_agg(x)·min(1, c/‖Δ_agg(x)‖) + N(0, σ²c² I_K), float64."""
-    norms = torch.linalg.vector_norm(agg, dim=1)
-    factors = torch.clamp(clip / norms, max=1.0)
+    """Σ_x Δ_agg(x)·min(1, c/‖Δ_agg(x)‖) + N(0, σ²c² I_K), float64: line 13 by the package's
+    :func:`~zoprivacy.optim.algorithm.clip_rows`, then the paper's float Gaussian noise (a timing
+    baseline, not the package's exact release)."""
     noise = torch.randn(agg.shape[1], dtype=torch.float64, generator=generator) * (sigma * clip)
-    return (agg * factors[:, None]).sum(dim=0) + noise
+    return clip_rows(agg, clip).clipped.sum(dim=0) + noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ def measure(fn: Callable[[], object], repeats: int) -> dict[str, Any]:
 @torch.no_grad()
 def components(params: list[torch.Tensor], batch: int, k: int, repeats: int) -> dict[str, Any]:
     """Per-pass costs of the pieces of a step, each timed alone (``measure`` dicts)."""
-    from zoprivacy.optim.directions import iter_direction, scratch_buffers, tensor_seeds
+    from benchmarks._directions import iter_direction, scratch_buffers
+    from zoprivacy.optim.directions import tensor_seeds
 
     scratch = scratch_buffers(params)
     gens = {dev: torch.Generator(device=dev) for dev in scratch}

@@ -45,11 +45,13 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
+
+from zoprivacy.optim.masks import apply_packed_mask_
 
 __all__ = [
     "DIRECTION_KINDS",
@@ -62,8 +64,6 @@ __all__ = [
     "draw_public_seed",
     "fill_direction_",
     "generation_threads",
-    "iter_direction",
-    "scratch_buffers",
     "set_generation_threads",
     "stream_affects",
     "tensor_seeds",
@@ -90,7 +90,6 @@ generated identically by both.
 """
 
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def draw_public_seed() -> int:
@@ -139,16 +138,6 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
         table = (bits * 2 - 1).to(dtype=dtype, device=device).contiguous()
         _SIGN_TABLES[key] = table
-    return table
-
-
-def bit_table(device: torch.device) -> torch.Tensor:
-    """[256, 8] bool table: row b holds the bits of byte b, least significant first."""
-    table = _BIT_TABLES.get(device)
-    if table is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        table = bits.to(dtype=torch.bool, device=device).contiguous()
-        _BIT_TABLES[device] = table
     return table
 
 
@@ -330,30 +319,6 @@ def fill_direction_(
     return out
 
 
-def iter_direction(
-    params: Sequence[torch.Tensor],
-    *,
-    seed: int,
-    step: int,
-    k: int,
-    scratch: dict[torch.device, torch.Tensor],
-    generators: dict[torch.device, torch.Generator] | None = None,
-    kind: str = "gaussian",
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(index, param, z)`` for every tensor of direction ``k`` at step ``step``.
-
-    ``scratch[param.device]`` is a flat uint8 buffer with at least as many bytes as the largest
-    tensor on that device (:func:`scratch_buffers`); ``z`` is a view of it with ``param``'s dtype
-    and shape, overwritten by the next item, so use it before advancing the iterator.
-    """
-    seeds = tensor_seeds(seed, step, k, len(params))
-    for index, (param, tensor_seed) in enumerate(zip(params, seeds, strict=True)):
-        view = _view(scratch[param.device], param)
-        gen = None if generators is None else generators.get(param.device)
-        fill_direction_(view, tensor_seed, gen, kind=kind)
-        yield index, param, view
-
-
 def direction_tensor(
     shape: Sequence[int] | torch.Size,
     *,
@@ -376,14 +341,6 @@ def direction_tensor(
     seeds = tensor_seeds(seed, step, k, index + 1)
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     return fill_direction_(out, seeds[index], kind=kind)
-
-
-def scratch_buffers(params: Sequence[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
-    """One flat uint8 buffer per device, with the byte size of the largest tensor there."""
-    sizes: dict[torch.device, int] = {}
-    for p in params:
-        sizes[p.device] = max(sizes.get(p.device, 0), p.numel() * p.element_size())
-    return {dev: torch.empty(n, dtype=torch.uint8, device=dev) for dev, n in sizes.items()}
 
 
 def _view(buffer: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -460,29 +417,3 @@ class DirectionStream:
         """Yield ``(index, param, z)`` for every tensor of direction ``k`` (like iter_direction)."""
         for index, param in enumerate(self.params):
             yield index, param, self.fill(k, index, _view(scratch[param.device], param))
-
-
-_MASK_CHUNK = 1 << 16  # packed mask bytes unpacked per chunk (524,288 coordinates)
-
-
-def apply_packed_mask_(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Zero the coordinates of ``out`` whose bit in ``packed`` is 0 (``out`` contiguous)."""
-    flat = out.view(-1)
-    n = flat.numel()
-    if packed.numel() != (n + 7) // 8:
-        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {(n + 7) // 8}")
-    table = bit_table(out.device)
-    full = n // 8
-    if full:
-        step = min(_MASK_CHUNK, full)
-        index = torch.empty(step, dtype=torch.int64, device=out.device)
-        for start in range(0, full, step):
-            stop = min(full, start + step)
-            idx = index[: stop - start]
-            idx.copy_(packed[start:stop])
-            bits = table.index_select(0, idx)
-            flat[8 * start : 8 * stop].view(-1, 8).mul_(bits)
-    tail = n - 8 * full
-    if tail:
-        flat[8 * full :].mul_(table[packed[full].long()][:tail])
-    return out

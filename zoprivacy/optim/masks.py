@@ -49,13 +49,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from zoprivacy.optim.directions import bit_table
-
 __all__ = [
     "FixedMask",
     "MagnitudeMask",
     "MaskFn",
     "RandomMask",
+    "apply_packed_mask_",
+    "bit_table",
     "magnitude_masks",
     "mask_from_state_dict",
     "pack_mask",
@@ -71,6 +71,45 @@ _CHUNK = 1 << 18  # coordinates per chunk when masks are built or packed
 # still draws from streams independent of the directions.
 _RANDOM_MASK_TAG = 0x6D61736B  # "mask"
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def bit_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool table: row b holds the bits of byte b, least significant first."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = bits.to(dtype=torch.bool, device=device).contiguous()
+        _BIT_TABLES[device] = table
+    return table
+
+
+_MASK_CHUNK = 1 << 16  # packed mask bytes unpacked per chunk (524,288 coordinates)
+
+
+def apply_packed_mask_(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Zero the coordinates of ``out`` whose bit in ``packed`` is 0 (``out`` contiguous)."""
+    flat = out.view(-1)
+    n = flat.numel()
+    if packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {(n + 7) // 8}")
+    table = bit_table(out.device)
+    full = n // 8
+    if full:
+        step = min(_MASK_CHUNK, full)
+        index = torch.empty(step, dtype=torch.int64, device=out.device)
+        for start in range(0, full, step):
+            stop = min(full, start + step)
+            idx = index[: stop - start]
+            idx.copy_(packed[start:stop])
+            bits = table.index_select(0, idx)
+            flat[8 * start : 8 * stop].view(-1, 8).mul_(bits)
+    tail = n - 8 * full
+    if tail:
+        flat[8 * full :].mul_(table[packed[full].long()][:tail])
+    return out
 
 
 def _check_density(density: object) -> float:

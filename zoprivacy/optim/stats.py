@@ -38,7 +38,7 @@ class StepStats:
             0.0 for an empty batch, for records with Δ_agg(x) = 0, or without clipping. PRIVATE.
         step: index of this step (0 for the first step of a run).
         seed: public seed of the directions; with ``step`` it regenerates every z_k
-            (:func:`zoprivacy.optim.directions.iter_direction`).
+            (:func:`zoprivacy.optim.directions.direction_tensor`).
         num_directions: K.
         normalizer: the divisor of the update, b in DP mode (public), |B| in MeZO mode.
         noise_std: σ·c, the per-coordinate standard deviation of v (0.0 without noise).
