@@ -25,27 +25,30 @@ try:
 except packaged.PackageNotInstalled as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"packaged model/data missing: {exc}", allow_module_level=True)
 
-from zoprivacy.finetune import _setup
+from zoprivacy import finetune
+from zoprivacy.tasks.prefix import PrefixCache
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def rt_small():
-    return _setup.load_task("rotten_tomatoes", per_class_train=3, test_size=8, seed=0)
+    return finetune.load_task("rotten_tomatoes", per_class_train=3, test_size=8, seed=0)
 
 
 @pytest.fixture(scope="module")
 def smollm2(rt_small):
     try:
-        return _setup.load_classifier("smollm2", rt_small, trainable="head", max_length=24, seed=0)
-    except _setup.SetupError as exc:
+        return finetune.load_classifier(
+            "smollm2", rt_small, trainable="head", max_length=24, seed=0
+        )
+    except finetune.SetupError as exc:
         pytest.skip(str(exc))
 
 
-def _reselect(clf: _setup.Classifier, trainable: str) -> _setup.Classifier:
+def _reselect(clf: finetune.Classifier, trainable: str) -> finetune.Classifier:
     """The same loaded SmolLM2 with another trainable selection (no second load)."""
-    return _setup.Classifier(
+    return finetune.Classifier(
         "smollm2",
         clf.model,
         clf.tokenizer,
@@ -68,8 +71,9 @@ def _all_records(dataset) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("trainable", ["classifier", "head+last1"])
 def test_minilm_prefix_then_suffix_is_the_full_model(rt_small, trainable):
-    clf = _setup.load_classifier("minilm", rt_small, trainable=trainable, max_length=24, seed=0)
+    clf = finetune.load_classifier("minilm", rt_small, trainable=trainable, max_length=24, seed=0)
     assert clf.layers is clf.model.bert.encoder.layer
+    assert isinstance(clf.prefix, PrefixCache) and clf.prefix.layers is clf.layers
     assert clf.cache_from is None and clf.cached_features is None and not clf.cache_active
     first = clf.cache_plan()
     # the first layer with a trainable tensor (len(layers): only the head is trainable)
@@ -81,7 +85,7 @@ def test_minilm_prefix_then_suffix_is_the_full_model(rt_small, trainable):
         ),
         len(clf.layers),
     )
-    assert first == expected
+    assert first == expected == clf.prefix.first_trainable
     enc = clf.encode(rt_small.test_texts, rt_small.test_labels)
     feats = clf.prefix_features(enc, batch_size=3)  # several blocks, padded to the longest
     assert feats["hidden"].shape[0] == len(rt_small.test_texts)
@@ -99,7 +103,7 @@ def test_minilm_prefix_then_suffix_is_the_full_model(rt_small, trainable):
 
 
 def test_no_frozen_prefix_is_a_clear_error(rt_small):
-    clf = _setup.load_classifier("minilm", rt_small, trainable="all", max_length=16, seed=0)
+    clf = finetune.load_classifier("minilm", rt_small, trainable="all", max_length=16, seed=0)
     assert clf.cache_plan() is None
     enc = clf.encode(rt_small.train_texts, rt_small.train_labels)
     with pytest.raises(RuntimeError, match="--no-cache"):
@@ -182,8 +186,8 @@ def test_smollm2_cached_step_matches_an_uncached_step(smollm2, rt_small):
 
 
 def test_validation_split_is_disjoint_and_leaves_the_test_split_alone():
-    plain = _setup.load_task("bbc_news", per_class_train=400, test_size=300, seed=0)
-    task = _setup.load_task(
+    plain = finetune.load_task("bbc_news", per_class_train=400, test_size=300, seed=0)
+    task = finetune.load_task(
         "bbc_news", per_class_train=400, test_size=300, validation_size=120, seed=0
     )
     ids = task.indices
@@ -198,13 +202,15 @@ def test_validation_split_is_disjoint_and_leaves_the_test_split_alone():
     assert set(task.validation_labels) == set(range(task.num_labels))
     data = packaged.load_bbc_news()
     assert [data.texts[i] for i in ids["validation"]] == task.validation_texts
-    without = _setup.load_task("bbc_news", per_class_train=400, test_size=300, seed=0)
+    without = finetune.load_task("bbc_news", per_class_train=400, test_size=300, seed=0)
     assert without.validation_texts == [] and without.indices["validation"] == []
 
 
 def test_validation_size_that_leaves_no_training_record_is_a_setup_error():
-    with pytest.raises(_setup.SetupError, match="--validation-size"):
-        _setup.load_task("bbc_news", per_class_train=4, test_size=500, validation_size=5000, seed=0)
+    with pytest.raises(finetune.SetupError, match="--validation-size"):
+        finetune.load_task(
+            "bbc_news", per_class_train=4, test_size=500, validation_size=5000, seed=0
+        )
 
 
 def test_finetune_reports_validation_accuracy(tmp_path):
@@ -252,7 +258,7 @@ def test_finetune_smollm2_head_trains_on_the_cache(tmp_path, smollm2):
 
 @pytest.mark.parametrize("trainable", ["classifier", "head+last1"])
 def test_accuracy_from_prefix_features_is_the_full_models(rt_small, trainable):
-    clf = _setup.load_classifier("minilm", rt_small, trainable=trainable, max_length=24, seed=0)
+    clf = finetune.load_classifier("minilm", rt_small, trainable=trainable, max_length=24, seed=0)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # move the trainable tensors away from the start (a trained model)
         for p in clf.trainable_parameters():
@@ -276,8 +282,8 @@ def test_finetune_test_accuracy_through_the_cache_is_the_full_models(tmp_path, r
         out, "--train-per-class", "6", "--test-size", "8", "--max-length", "24", "--lr", "30"
     )
     assert report["frozen_prefix_cache"] is True
-    task = _setup.load_task("rotten_tomatoes", per_class_train=6, test_size=8, seed=0)
-    clf = _setup.load_classifier("minilm", task, trainable="classifier", max_length=24, seed=0)
+    task = finetune.load_task("rotten_tomatoes", per_class_train=6, test_size=8, seed=0)
+    clf = finetune.load_classifier("minilm", task, trainable="classifier", max_length=24, seed=0)
     enc = clf.encode(task.test_texts, task.test_labels)
     assert report["test_accuracy_before"] == clf.accuracy(enc)
     weights = load_file(out / "trainable_weights.safetensors")
