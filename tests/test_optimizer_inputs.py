@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import seeded_mlp
 from zoprivacy.optim.optimizer import DPAggZO, MeZO
 
 pytestmark = [
@@ -24,8 +25,7 @@ GOOD = {
 
 
 def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    return seeded_mlp(4, 8, 1, seed=0)
 
 
 def _snapshot(model):
