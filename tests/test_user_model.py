@@ -386,3 +386,73 @@ def test_one_dpaggzo_step_moves_only_the_trainable_tensors(folders, family, spec
     for name, p in model.named_parameters():
         moved = not torch.equal(p, before[name])
         assert moved == (name in selection.names), name
+
+
+# ------------------------------------------------------------------ packaged presets
+
+
+def _packaged(name, **kw):
+    from zoprivacy.tasks.packaged import PackageNotInstalled, package_dir
+
+    try:
+        package_dir(name)
+    except PackageNotInstalled as exc:
+        pytest.skip(str(exc))
+    return load_model(name, **kw)
+
+
+def test_minilm_preset_is_the_packaged_classifier():
+    from zoprivacy.tasks.packaged import load_minilm_classifier
+
+    loaded = _packaged("minilm", label_names=NAMES, seed=7)
+    reference, _ = load_minilm_classifier(2, seed=7)
+    assert loaded.kind == "classifier" and loaded.fresh_modules == ("classifier",)
+    ours = dict(loaded.model.named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, ours[name]), name
+    assert loaded.model.config.id2label == {0: "positive", 1: "negative"}
+    with pytest.raises(SetupError, match="minilm is a classifier"):
+        load_model("minilm", kind="causal", label_names=NAMES)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return _packaged("minilm", label_names=NAMES)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return _packaged("smollm2", label_names=("negative", "positive"))
+
+
+@pytest.mark.parametrize("spec", ["classifier", "head", "last2", "head+last1", "all"])
+def test_minilm_selection_matches_the_jobs_historical_selection(minilm, spec):
+    from zoprivacy.finetune._setup import Classifier
+
+    loaded = minilm
+    old = Classifier(
+        "minilm", loaded.model, loaded.tokenizer, trainable=spec, max_length=32, num_labels=2
+    )
+    reference = list(old.trainable_names)
+    assert select_trainable(loaded, spec).names == reference
+
+
+@pytest.mark.parametrize("spec", ["head", "head+last1"])
+def test_smollm2_preset_is_a_causal_lm_with_the_jobs_historical_selection(smollm2, spec):
+    from zoprivacy.finetune._setup import Classifier
+
+    loaded = smollm2
+    assert loaded.kind == "causal" and loaded.model_type == "llama"
+    assert len(loaded.label_word_ids) == 2
+    old = Classifier(
+        "smollm2",
+        loaded.model,
+        loaded.tokenizer,
+        trainable=spec,
+        max_length=32,
+        num_labels=2,
+        label_words=loaded.label_words,
+        template=loaded.template,
+    )
+    reference = list(old.trainable_names)
+    assert select_trainable(loaded, spec).names == reference
