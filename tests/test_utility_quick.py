@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -14,7 +13,6 @@ from benchmarks._common import RESULTS
 
 
 def test_utility_quick(tmp_path):
-    started = time.monotonic()
     assert utility.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "utility_quick.json").read_text())
     assert len(rows) == 1
@@ -26,11 +24,10 @@ def test_utility_quick(tmp_path):
     assert 0.0 <= row["test_accuracy"] <= 1.0
     assert row["epsilon_spent"] <= 2.0 + 1e-6
     assert row["noise_multiplier"] > 0
-    # resuming skips the finished row
+    # resuming skips the finished row: it is not run again (the file holds the same row)
     assert utility.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert len(json.loads((tmp_path / "utility_quick.json").read_text())) == 1
+    assert json.loads((tmp_path / "utility_quick.json").read_text()) == rows
     assert not (RESULTS / "utility_quick.json").exists()
-    assert time.monotonic() - started < 60
 
 
 def test_utility_quick_figure5_and_table(tmp_path, capsys):

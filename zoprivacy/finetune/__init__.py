@@ -27,7 +27,16 @@ from zoprivacy.finetune._options import (
     TrainSettings,
     train_settings,
 )
-from zoprivacy.finetune._setup import MODELS, TASKS, SetupError
+from zoprivacy.finetune._setup import (
+    MODELS,
+    TASK_DEFAULTS,
+    TASKS,
+    Classifier,
+    SetupError,
+    TaskData,
+    load_classifier,
+    load_task,
+)
 from zoprivacy.finetune._train import make_trainer
 
 __all__ = [
@@ -37,12 +46,17 @@ __all__ = [
     "MODELS",
     "OPTIONS",
     "TASKS",
+    "TASK_DEFAULTS",
     "TRAINABLE_DEFAULTS",
+    "Classifier",
     "FinetuneConfig",
     "Option",
     "SetupError",
+    "TaskData",
     "TrainSettings",
     "add_arguments",
+    "load_classifier",
+    "load_task",
     "main",
     "make_trainer",
     "resolve_config",

@@ -231,6 +231,7 @@ def _train(
             train_settings(cfg),
             checkpoint=checkpoint,
             journal=root / out.JOURNAL_FILE,
+            resume=resume,
         )
         if checkpoint is None:
             trainer.save(checkpoint_path)  # ñ is released: record it before any step

@@ -270,38 +270,44 @@ def _step_lines(r: Mapping[str, Any]) -> list[str]:
         )
         + ";",
     ]
-    mask = r.get("mask")
-    if mask:
-        if mask["type"] == "magnitude":
-            which = "largest" if mask["largest"] else "smallest"
-            text = (
-                f"DP-ZOPO magnitude mask: each step perturbs and updates the "
-                f"{_fmt(100 * mask['density'], 3)}% of each tensor's coordinates with the "
-                f"{which} |θ| (computed from the current weights, a post-processing of public "
-                "values);"
-            )
-        else:
-            text = (
-                f"DP-ZOPO random mask: each coordinate kept with probability "
-                f"{_fmt(mask['density'])}, drawn from the public seed {mask.get('seed')} and "
-                f"redrawn every {mask['every']} steps;"
-            )
-        lines.append(f"- {text}")
-    stages = r.get("stages")
-    if stages:
-        parts = []
-        for s in stages:
-            fields = [f"K = {s['directions']}"]
-            if s.get("clip_norm") is not None:
-                fields.append(f"c = {_fmt(s['clip_norm'])}")
-            fields += [f"η = {_fmt(s['lr'])}", f"φ = {_fmt(s['perturbation_scale'])}"]
-            parts.append(f"from step {s['from_step']}: " + ", ".join(fields))
-        lines.append(
-            "- DP-ZOSO stages (σ is the same calibrated constant in every stage): "
-            + "; ".join(parts)
-            + "."
-        )
+    if r.get("mask"):
+        lines.append(f"- {_mask_text(r['mask'])}")
+    if r.get("stages"):
+        lines.append(_stages_line(r["stages"]))
     return lines
+
+
+def _mask_text(mask: Mapping[str, Any]) -> str:
+    """The DP-ZOPO mask in words."""
+    if mask["type"] == "magnitude":
+        which = "largest" if mask["largest"] else "smallest"
+        return (
+            f"DP-ZOPO magnitude mask: each step perturbs and updates the "
+            f"{_fmt(100 * mask['density'], 3)}% of each tensor's coordinates with the "
+            f"{which} |θ| (computed from the current weights, a post-processing of public "
+            "values);"
+        )
+    return (
+        f"DP-ZOPO random mask: each coordinate kept with probability "
+        f"{_fmt(mask['density'])}, drawn from the public seed {mask.get('seed')} and "
+        f"redrawn every {mask['every']} steps;"
+    )
+
+
+def _stages_line(stages: Iterable[Mapping[str, Any]]) -> str:
+    """The DP-ZOSO stages, each with all its values."""
+    parts = []
+    for s in stages:
+        fields = [f"K = {s['directions']}"]
+        if s.get("clip_norm") is not None:
+            fields.append(f"c = {_fmt(s['clip_norm'])}")
+        fields += [f"η = {_fmt(s['lr'])}", f"φ = {_fmt(s['perturbation_scale'])}"]
+        parts.append(f"from step {s['from_step']}: " + ", ".join(fields))
+    return (
+        "- DP-ZOSO stages (σ is the same calibrated constant in every stage): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[str]) -> str:
@@ -322,7 +328,16 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
         "",
         "## Privacy guarantee",
         "",
+        *_guarantee_lines(r, covered),
+        *_step_lines(r),
+        *_files_lines(r, load_snippet),
     ]
+    return "\n".join(lines)
+
+
+def _guarantee_lines(r: Mapping[str, Any], covered: Iterable[str]) -> list[str]:
+    """What the guarantee is, what it covers (the noise as drawn), what is public, what not."""
+    lines: list[str] = []
     if r.get("private"):
         pld = r.get("epsilon_spent_pld")
         pld_line = (
@@ -368,8 +383,11 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
             f"**None.** `{r['method']}` is not differentially private: the weights can reveal "
             "the training records. Use `--method dpaggzo`, `dpzo` or `dpadamw` for a private run.",
         ]
-    lines += _step_lines(r)
-    lines += [
+    return lines
+
+
+def _files_lines(r: Mapping[str, Any], load_snippet: str) -> list[str]:
+    return [
         "",
         "## Files",
         "",
@@ -391,4 +409,3 @@ def model_card(report: Mapping[str, Any], load_snippet: str, covered: Iterable[s
         "```",
         "",
     ]
-    return "\n".join(lines)

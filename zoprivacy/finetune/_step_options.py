@@ -141,15 +141,23 @@ def resolve_stages(raw: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) ->
     return resolved
 
 
+def need(ok: bool, message: str) -> None:
+    """Raise :class:`SetupError` with ``message`` unless ``ok``."""
+    if not ok:
+        raise SetupError(message)
+
+
 def validate_step_options(cfg: Any) -> None:
     """Check the step options of a resolved configuration; one-line errors naming the fix."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise SetupError(message)
-
     if cfg.method not in ZO_METHODS:
         return
+    _check_step(cfg)
+    if cfg.mask is not None:
+        _check_mask(cfg.mask)
+    _check_stages(cfg)
+
+
+def _check_step(cfg: Any) -> None:
     need(
         cfg.direction_distribution in DIRECTION_KINDS,
         f"--direction-distribution must be one of {', '.join(DIRECTION_KINDS)}, "
@@ -171,19 +179,24 @@ def validate_step_options(cfg: Any) -> None:
             "--batched-directions evaluates stacked perturbed copies and cannot be combined "
             "with --perturbation inplace; use --perturbation auto or hooks",
         )
-    if cfg.mask is not None:
-        density = cfg.mask.get("density")
+
+
+def _check_mask(mask: Mapping[str, Any]) -> None:
+    density = mask.get("density")
+    need(
+        isinstance(density, float) and 0.0 < density <= 1.0,
+        f"--mask: the kept fraction must be in (0, 1], got {density!r} "
+        "(e.g. --mask magnitude:0.1 keeps 10%)",
+    )
+    if mask["type"] == "random":
+        every = mask.get("every")
         need(
-            isinstance(density, float) and 0.0 < density <= 1.0,
-            f"--mask: the kept fraction must be in (0, 1], got {density!r} "
-            "(e.g. --mask magnitude:0.1 keeps 10%)",
+            isinstance(every, int) and every >= 1,
+            f"--mask random:F:EVERY: EVERY must be an int >= 1, got {every!r}",
         )
-        if cfg.mask["type"] == "random":
-            every = cfg.mask.get("every")
-            need(
-                isinstance(every, int) and every >= 1,
-                f"--mask random:F:EVERY: EVERY must be an int >= 1, got {every!r}",
-            )
+
+
+def _check_stages(cfg: Any) -> None:
     last = 0
     for stage in cfg.stages:
         start = stage["from_step"]

@@ -43,7 +43,7 @@ from zoprivacy.run.plan import plan_run
 from zoprivacy.run.private import atomic_save
 from zoprivacy.tasks import collate_trimmed
 
-from ._methods import FIRST_ORDER_METHODS, METHODS, PRIVATE_METHODS, ZO_METHODS
+from ._methods import METHODS, PRIVATE_METHODS, TRAINING_METHODS, ZO_METHODS
 from ._options import TrainSettings
 from ._setup import Classifier
 from ._step_options import build_mask, schedule
@@ -102,10 +102,12 @@ class _Trainer:
         *,
         checkpoint: dict[str, Any] | None = None,
         journal: Any = None,
+        resume: bool = False,
     ) -> None:
         self.classifier = classifier
         self.settings = settings
         self.private = settings.method in PRIVATE_METHODS
+        self.resume = resume  # continue the run in `journal` (make_private's resume=True)
         self._build(dataset, None if checkpoint is None else checkpoint["training"], journal)
 
     def _build(self, dataset: Any, state: dict[str, Any] | None, journal: Any) -> None:
@@ -141,69 +143,68 @@ class ZerothOrderTrainer(_Trainer):
 
     def _build(self, dataset: Any, state: dict[str, Any] | None, journal: Any) -> None:
         settings = self.settings
-        classifier = self.classifier
         self.last_stats: Any = None  # the StepStats of the last step (public fields: the path...)
-        params = classifier.trainable_parameters()
+        params = self.classifier.trainable_parameters()
         stages = settings.stages
         k = 1 if settings.method == "dpzo" else settings.directions
-        num_directions = schedule(stages, "directions", k)
-        perturbation_scale = schedule(stages, "perturbation_scale", settings.perturbation_scale)
-        self.lr_schedule = schedule(stages, "lr", settings.lr)
-        if not callable(self.lr_schedule):
-            self.lr_schedule = None
-        options: dict[str, Any] = {
+        lr = schedule(stages, "lr", settings.lr)
+        self.lr_schedule = lr if callable(lr) else None
+        options: dict[str, Any] = {  # the step options and the K and φ schedules (DP-ZOSO)
+            "num_directions": schedule(stages, "directions", k),
+            "perturbation_scale": schedule(
+                stages, "perturbation_scale", settings.perturbation_scale
+            ),
             "perturbation": settings.perturbation,
             "directions": settings.direction_distribution,
             "difference": settings.difference,
             "mask": build_mask(settings.mask, settings.seed),
             "batched_directions": settings.batched_directions,
+            "seed": settings.seed,
+            "weight_decay": settings.weight_decay,
         }
         if self.private:
-            self.run = make_private(
-                params,
-                dataset,
-                target_epsilon=settings.epsilon,
-                target_delta=settings.delta,
-                steps=settings.steps,
-                num_directions=num_directions,
-                clip_norm=schedule(stages, "clip_norm", settings.clip_norm),
-                lr=settings.lr,
-                expected_batch_size=settings.batch_size,
-                perturbation_scale=perturbation_scale,
-                weight_decay=settings.weight_decay,
-                size_fraction=SIZE_FRACTION,
-                collate_fn=collate_trimmed,
-                seed=settings.seed,
-                checkpoint=state,
-                journal=journal,
-                **options,
-            )
-            self.optimizer = self.run.optimizer
-            self.loader = self.run.loader
-            self.steps_total = self.run.plan.steps
-        else:  # MeZO: no clipping, no noise, normalised by the actual |B|; n is not private
-            n = len(dataset)
-            q = min(1.0, settings.batch_size / n)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotPrivateWarning)
-                self.optimizer = MeZO(
-                    params,
-                    settings.lr,
-                    num_directions=num_directions,
-                    perturbation_scale=perturbation_scale,
-                    seed=settings.seed,
-                    weight_decay=settings.weight_decay,
-                    **options,
-                )
-            self.steps_total = settings.steps
+            self._make_private(params, dataset, state, journal, options)
+        else:
+            self._make_mezo(params, dataset, state, options)
+
+    def _make_private(
+        self, params: list, dataset: Any, state: Any, journal: Any, options: dict[str, Any]
+    ) -> None:
+        """DP-AggZO / DPZO through :func:`zoprivacy.make_private` (which calls ``plan_run``)."""
+        s = self.settings
+        self.run = make_private(
+            params,
+            dataset,
+            target_epsilon=s.epsilon,
+            target_delta=s.delta,
+            steps=s.steps,
+            clip_norm=schedule(s.stages, "clip_norm", s.clip_norm),
+            lr=s.lr,
+            expected_batch_size=s.batch_size,
+            size_fraction=SIZE_FRACTION,
+            collate_fn=collate_trimmed,
+            checkpoint=state,
+            journal=journal,
+            resume=self.resume,
+            **options,
+        )
+        self.optimizer = self.run.optimizer
+        self.loader = self.run.loader
+        self.steps_total = self.run.plan.steps
+
+    def _make_mezo(self, params: list, dataset: Any, state: Any, options: dict[str, Any]) -> None:
+        """MeZO: no clipping, no noise, normalised by the actual |B|; n is not private."""
+        q = min(1.0, self.settings.batch_size / len(dataset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotPrivateWarning)
+            self.optimizer = MeZO(params, self.settings.lr, **options)
             if state is not None:
                 _copy_params(params, state["params"])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotPrivateWarning)
-                    self.optimizer.load_state_dict(state["optimizer"])
-            self.sample_rate = q
-            left = self.steps_total - self.optimizer.steps_taken
-            self.loader = poisson_loader(dataset, q, steps=max(left, 0), collate_fn=collate_trimmed)
+                self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_total = self.settings.steps
+        self.sample_rate = q
+        left = self.steps_total - self.optimizer.steps_taken
+        self.loader = poisson_loader(dataset, q, steps=max(left, 0), collate_fn=collate_trimmed)
 
     @property
     def steps_done(self) -> int:
@@ -507,33 +508,21 @@ def _facts(
 
 
 def make_trainer(
-    classifier: Classifier,
-    dataset: Any,
-    settings: TrainSettings,
-    *,
-    checkpoint: dict[str, Any] | None = None,
-    journal: Any = None,
+    classifier: Classifier, dataset: Any, settings: TrainSettings, **options: Any
 ) -> ZerothOrderTrainer | FirstOrderTrainer:
     """The trainer for ``settings.method`` (not ``zeroshot``).
 
-    ``journal``: path of the write-ahead journal of a private zeroth-order run
-    (:mod:`zoprivacy.run.journal`;
-    steps between checkpoints are replayed on resume, not re-released).
+    ``options`` (keywords): ``checkpoint`` (the job's checkpoint dict to resume from),
+    ``journal``: path of the write-ahead journal of a private run (:mod:`zoprivacy.run.journal`;
+    zeroth-order steps between checkpoints are replayed on resume, not re-released; DP-AdamW
+    steps begun after the checkpoint are charged again). ``resume``: the job's ``--resume``
+    (a journal that already holds a run is continued, not refused).
     """
+    if settings.method not in TRAINING_METHODS:
+        raise ValueError(f"method {settings.method!r} does not train")
+    trainer = ZerothOrderTrainer if settings.method in ZO_METHODS else FirstOrderTrainer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PredictableSamplingWarning)
-        if settings.method in ZO_METHODS:
-            if settings.method not in PRIVATE_METHODS:
-                journal = None
-            return ZerothOrderTrainer(
-                classifier, dataset, settings, checkpoint=checkpoint, journal=journal
-            )
-        if settings.method in FIRST_ORDER_METHODS:
-            return FirstOrderTrainer(
-                classifier,
-                dataset,
-                settings,
-                checkpoint=checkpoint,
-                journal=journal if settings.method in PRIVATE_METHODS else None,
-            )
-    raise ValueError(f"method {settings.method!r} does not train")
+        if settings.method not in PRIVATE_METHODS:
+            options["journal"] = None
+        return trainer(classifier, dataset, settings, **options)
