@@ -242,10 +242,13 @@ def load_model(
     return loaded
 
 
-def _label_names(num_labels: int | None, label_names: Sequence[str] | None) -> tuple[str, ...]:
+def _label_names(
+    num_labels: int | None, label_names: Sequence[str] | None
+) -> tuple[str, ...] | None:
+    """The public label set (``None``: a generation target, no labels)."""
     if label_names is None:
         if num_labels is None:
-            return None  # type: ignore[return-value]  # generation target: no label set
+            return None
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise SetupError(f"the number of labels must be an integer >= 2, got {num_labels!r}")
         return tuple(str(i) for i in range(num_labels))
@@ -257,15 +260,25 @@ def _label_names(num_labels: int | None, label_names: Sequence[str] | None) -> t
     return names
 
 
-def _folder(source: str) -> Path:
+def _folder(source: str) -> Path | str:
+    """A local folder with a ``config.json``, or a Hub id already in the local Hugging Face
+    cache (read with ``local_files_only``: nothing is downloaded)."""
     folder = Path(source).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SetupError(
-            f"--model {source!r} is neither a packaged model ({', '.join(PACKAGED)}) nor a "
-            "local Hugging Face folder with a config.json (what save_pretrained writes); "
-            "nothing is downloaded"
-        )
-    return folder
+    if (folder / "config.json").is_file():
+        return folder
+    if not folder.exists():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(source, local_files_only=True)
+            return source
+        except (OSError, ValueError):
+            pass
+    raise SetupError(
+        f"--model {source!r} is neither a packaged model ({', '.join(PACKAGED)}) nor a "
+        "local Hugging Face folder with a config.json (what save_pretrained writes); "
+        "nothing is downloaded"
+    )
 
 
 @contextlib.contextmanager
@@ -310,7 +323,11 @@ def _name_labels(config: Any, names: Sequence[str]) -> None:
 
 
 def _load_folder(
-    folder: Path, kind: str | None, names: tuple[str, ...] | None, seed: int, dtype: torch.dtype
+    folder: Path | str,
+    kind: str | None,
+    names: tuple[str, ...] | None,
+    seed: int,
+    dtype: torch.dtype,
 ) -> tuple[nn.Module, Any, str, tuple[str, ...]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -334,7 +351,11 @@ def _load_folder(
 
 
 def _load_classifier(
-    folder: Path, config: Any, names: tuple[str, ...] | None, seed: int, dtype: torch.dtype
+    folder: Path | str,
+    config: Any,
+    names: tuple[str, ...] | None,
+    seed: int,
+    dtype: torch.dtype,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``AutoModelForSequenceClassification``; a missing head is drawn in a forked RNG seeded by
     the public ``seed`` (same seed, same head; the global RNG untouched)."""
