@@ -456,3 +456,34 @@ def test_smollm2_preset_is_a_causal_lm_with_the_jobs_historical_selection(smollm
     )
     reference = list(old.trainable_names)
     assert select_trainable(loaded, spec).names == reference
+
+
+# ------------------------------------------------------------------ device, dtype, per record
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "opt", "llama"])
+def test_losses_are_per_record_with_the_tokenizers_padding(folders, family):
+    """Left (OPT, Llama) or right padding: each record's loss depends on that record only."""
+    loaded = _load(folders, family)
+    batch, _ = _losses_fn(loaded)
+    if loaded.kind == "classifier":
+        fn = lambda b: tasks.sequence_classification_losses(loaded.model, b)  # noqa: E731
+    else:
+        ids = loaded.label_word_ids
+        fn = lambda b: tasks.prompt_classification_losses(loaded.model, b, ids)  # noqa: E731
+    tasks.check_per_sample(fn, batch)
+
+
+def test_dtype_and_device_follow_the_options(folders):
+    loaded = _load(folders, "llama", dtype="bfloat16", device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.model.parameters()} == {expected}
+    selection = select_trainable(loaded, "lora:r=2")
+    assert {p.device.type for p in selection.parameters()} == {expected}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_refused(folders):
+    with pytest.raises(SetupError, match="--device 'cuda:1': CUDA is not available"):
+        _load(folders, "bert", device="cuda:1")
