@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from zoprivacy import MeZO, make_private
 from zoprivacy.accounting import PrivacyPlan, RDPAccountant
 from zoprivacy.data.poisson import PredictableSamplingWarning, is_empty_batch, poisson_loader
+from zoprivacy.optim.algorithm import clipping_errors
 from zoprivacy.optim.optimizer import NotPrivateWarning
 from zoprivacy.run.journal import Recovery, StepJournal, charge_unreplayable, journal_for_resume
 from zoprivacy.run.plan import plan_run
@@ -414,9 +415,12 @@ class FirstOrderTrainer(_Trainer):
             # cached (frozen) inputs do not require gradients; Opacus's hooks still fire
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.mean().backward()
-        diag = _clip_diagnostics([p.grad_sample for p in self.params], self.settings.clip_norm)
+        # eqs. 26/27 of the per-sample gradients, clipped as Opacus does: min(1, c/(‖g‖ + 1e-6))
+        fraction, max_err, batch_err = clipping_errors(
+            [p.grad_sample for p in self.params], self.settings.clip_norm, stability=1e-6
+        )
         opt.step()
-        return _diag(float(losses.detach().mean()), *diag, int(losses.numel()))
+        return _diag(float(losses.detach().mean()), fraction, batch_err, max_err, len(losses))
 
     def save(self, path: Any) -> None:
         adamw = self.optimizer.original_optimizer if self.private else self.optimizer
@@ -458,25 +462,6 @@ class FirstOrderTrainer(_Trainer):
         """Remove Opacus's hooks from the model (evaluation then runs the plain model)."""
         if self.private:
             self.net._close()
-
-
-def _clip_diagnostics(grad_samples: list[torch.Tensor], c: float) -> tuple[float, float, float]:
-    """Clip fraction, batch clipping error (eq. 27) and max individual error (eq. 26) of the
-    per-sample gradients, with Opacus's clipping factors min(1, c/(‖g‖ + 1e-6))."""
-    flat = [g.reshape(g.shape[0], -1).double() for g in grad_samples]
-    norms = torch.stack([f.norm(dim=1) for f in flat], dim=1).norm(dim=1)
-    factors = (c / (norms + 1e-6)).clamp(max=1.0)
-    clip_fraction = float((norms > c).double().mean())
-    max_err = float((1.0 - factors).max())
-    num = math.sqrt(sum(float(((1.0 - factors)[:, None] * f).sum(0).square().sum()) for f in flat))
-    den = math.sqrt(sum(float(f.sum(0).square().sum()) for f in flat))
-    if num == 0.0:
-        batch_err = 0.0
-    elif den == 0.0:
-        batch_err = math.inf
-    else:
-        batch_err = num / den
-    return clip_fraction, batch_err, max_err
 
 
 def _facts(
