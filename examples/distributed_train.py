@@ -73,6 +73,9 @@ def main() -> None:
             lr=0.5,
             expected_batch_size=512,
             checkpoint=args.resume,
+            # Data-parallel runs keep no journal. This example checkpoints only when its run has
+            # ended, so no release can follow the checkpoint; resuming says so with journal=False.
+            journal=False,
             process_group=dist.group.WORLD,
         )
 

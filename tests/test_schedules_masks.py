@@ -560,7 +560,7 @@ def test_public_names_are_re_exported_from_the_package():
     assert all(hasattr(zoprivacy, name) for name in zoprivacy.__all__)
 
 
-def test_make_private_passes_the_options_and_resumes_them_from_its_checkpoint():
+def test_make_private_passes_the_options_and_resumes_them_from_its_checkpoint(tmp_path):
     """make_private with Stagewise K/c/φ, a mask and the speed options; a checkpoint after 2 of
     5 steps resumed by make_private WITHOUT the schedules or the mask ends bit-identical."""
     from zoprivacy import make_private
@@ -614,7 +614,7 @@ def test_make_private_passes_the_options_and_resumes_them_from_its_checkpoint():
     model.load_state_dict(init)
     first = make_private(model, data, **common, **options)
     run(model, first, 2)
-    state = copy.deepcopy(first.state_dict())
+    state = first.save(tmp_path / "checkpoint.pt")  # starts the run's journal beside it
     model.load_state_dict(init)  # the checkpoint restores the parameters
     resumed = make_private(model, data, **common, num_directions=1, clip_norm=1.0, checkpoint=state)
     assert resumed.optimizer.scheduled == ("num_directions", "clip_norm", "perturbation_scale")
