@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "RISK",
     "UnjournaledResumeWarning",
     "atomic_save",
+    "atomic_write",
     "checkpoint_journal",
     "default_journal_path",
     "journal_record",
@@ -64,15 +65,18 @@ class UnjournaledResumeWarning(UserWarning):
     """A run was resumed with ``journal=False``: steps after the checkpoint may go uncharged."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file so that a crash leaves either the old file or the new one, never a torn one.
+
+    ``write(tmp)`` fills a temporary file in the same folder, which is fsynced and then renamed
+    over ``path`` (``os.replace`` is atomic on POSIX and Windows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -80,6 +84,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
