@@ -211,7 +211,6 @@ def _smollm2_workload(trainable: str) -> Workload:
     from torch import nn
 
     from zoprivacy import tasks
-    from zoprivacy.tasks.losses import _hidden_states
     from zoprivacy.tasks.packaged import load_rotten_tomatoes, load_smollm2, make_splits
     from zoprivacy.tasks.prefix import LabelWordHead
 
@@ -235,11 +234,8 @@ def _smollm2_workload(trainable: str) -> Workload:
             self.label_head = head
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden, mask = _hidden_states(
-                self.lm.model, {"input_ids": input_ids, "attention_mask": attention_mask}, "cpu"
-            )
-            pos = tasks.answer_positions(mask)
-            return self.label_head(hidden[torch.arange(hidden.shape[0]), pos])
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return self.label_head(tasks.answer_hidden_states(self.lm, batch))
 
     model = PromptClassifier().eval()
     for p in model.parameters():
