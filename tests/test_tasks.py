@@ -343,10 +343,17 @@ def test_training_mode_can_be_allowed_explicitly(minilm):
     batch = tasks.encode_classification(tok, TEXTS[:2], LABELS[:2], max_length=16)
     model.train()
     try:
-        losses = tasks.sequence_classification_losses(model, batch, allow_training=True)
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            runs.append(tasks.sequence_classification_losses(model, batch, allow_training=True))
     finally:
         model.eval()
-    assert losses.shape == (2,)
+    evaluated = tasks.sequence_classification_losses(model, batch)
+    # The model really ran in training mode (dropout active: other losses than in eval mode),
+    # with its randomness from the torch RNG (the same seed gives the same losses).
+    assert runs[0].shape == (2,) and torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], evaluated)
 
 
 def test_end_to_end_with_the_optimizer_and_accountant(minilm):
@@ -411,4 +418,9 @@ def test_check_per_sample_on_tuple_batches():
     x, y = torch.randn(5, 2), torch.randn(5, 2)
     for batch in ((x, y), [x, y], Pair(x, y)):
         check_per_sample(losses, batch)
-    assert tasks.select_records(Pair(x, y), [1, 3]).x.shape == (2, 2)
+    chosen = tasks.select_records(Pair(x, y), [1, 3])
+    assert (
+        type(chosen) is Pair
+        and torch.equal(chosen.x, x[[1, 3]])
+        and torch.equal(chosen.y, y[[1, 3]])
+    )
