@@ -251,34 +251,18 @@ def make_private(
         PrivacyBudgetExceeded: (later, from ``optimizer.step``) on a step beyond the budget.
     """
     params = _trainable(model_or_params)
-    if process_group is not None and journal not in (None, False):
-        raise ValueError(
-            "journal=PATH is not supported with process_group: data-parallel runs keep no "
-            "journal (pass journal=False, and checkpoint every step)"
-        )
-    loader = dict(
-        collate_fn=collate_fn,
-        generator=sampling_generator,
-        process_group=process_group,
-        kwargs=loader_kwargs,
-    )
+    _check_journal_option(journal, process_group)
+    loader = dict(collate_fn=collate_fn, generator=sampling_generator)
+    loader.update(process_group=process_group, kwargs=loader_kwargs)
     if checkpoint is not None:
-        schedules = {
-            name: value
-            for name, value in zip(
-                _SCHEDULABLE, (num_directions, clip_norm, perturbation_scale), strict=True
-            )
-            if callable(value)
-        }
+        given = zip(_SCHEDULABLE, (num_directions, clip_norm, perturbation_scale), strict=True)
+        schedules = {name: value for name, value in given if callable(value)}
         return _resume(params, dataset, checkpoint, journal, process_group, mask, schedules, loader)
-    planned = dict(  # plan_run checks the rest; these two are named as the caller knows them
-        epsilon=check.epsilon(target_epsilon, "target_epsilon"),
-        delta=check.delta(target_delta, "target_delta"),
-        steps=steps,
-        expected_batch_size=expected_batch_size,
-        sample_rate=sample_rate,
-        size_fraction=size_fraction,
-    )
+    # plan_run checks the rest; these two are named as the caller knows them
+    eps = check.epsilon(target_epsilon, "target_epsilon")
+    delta = check.delta(target_delta, "target_delta")
+    planned = dict(epsilon=eps, delta=delta, steps=steps, size_fraction=size_fraction)
+    planned.update(expected_batch_size=expected_batch_size, sample_rate=sample_rate)
     options = dict(
         lr=lr,
         num_directions=num_directions,
@@ -295,6 +279,14 @@ def make_private(
         batched_directions=batched_directions,
     )
     return _start(params, dataset, planned, options, journal, resume, loader)
+
+
+def _check_journal_option(journal: Any, process_group: Any) -> None:
+    if process_group is not None and journal not in (None, False):
+        raise ValueError(
+            "journal=PATH is not supported with process_group: data-parallel runs keep no "
+            "journal (pass journal=False, and checkpoint every step)"
+        )
 
 
 def _start(params, dataset, planned, options, journal, resume, loader) -> PrivateTraining:
