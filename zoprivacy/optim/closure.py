@@ -9,11 +9,23 @@ real step, that the step was already charged and how to find such bugs for free
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["check_batched", "check_losses", "evaluate", "explain_bad_output", "loss_difference"]
+from zoprivacy.optim.directions import DirectionStream
+from zoprivacy.optim.perturb import Prober, ScratchPool, capture_rng, restore_rng
+
+__all__ = [
+    "check_batched",
+    "check_closure_argument",
+    "check_losses",
+    "dry_run",
+    "evaluate",
+    "explain_bad_output",
+    "loss_difference",
+]
 
 _MAX_LISTED = 10
 
@@ -43,6 +55,17 @@ def explain_bad_output(exc: BaseException, step: int, *, charged: bool) -> None:
         "PrivateTraining.dry_run(batch)) before training",
         *exc.args[1:],
     )
+
+
+def check_closure_argument(closure: object) -> None:
+    """The ``closure`` passed to ``DPAggZO.step``: required and callable."""
+    if closure is None:
+        raise ValueError(
+            "DPAggZO.step needs a closure returning the per-record losses (shape [|B|]) of "
+            "the current batch, evaluated without backward(): opt.step(lambda: losses(model))"
+        )
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
 
 
 def where(k: int, sign: int) -> str:
@@ -121,3 +144,38 @@ def check_batched(out: object, points: list[tuple[int, int]], batch: int | None)
         )
     rows = [check_losses(out[j], where(k, s), batch) for j, (k, s) in enumerate(points)]
     return torch.stack(rows)
+
+
+def dry_run(
+    losses: Callable[[Any], torch.Tensor],
+    batch: Any,
+    params: Sequence[torch.Tensor],
+    stream: DirectionStream,
+    phi: float,
+    inplace: Sequence[bool],
+) -> None:
+    """Evaluate ``losses(batch)`` at θ, θ + φz_0 and θ − φz_0 of ``stream`` and check each output.
+
+    The machinery of a real step (:class:`~zoprivacy.optim.perturb.Prober`, the torch RNG reset
+    between the points); tensors perturbed in place (``inplace``) are restored from a copy, so
+    the parameters are left bit-identical. Used by :meth:`zoprivacy.DPAggZO.check_closure`.
+    """
+    from zoprivacy.tasks.check import batch_size_of
+
+    size = batch_size_of(batch)
+    saved = [p.detach().clone() if f else None for p, f in zip(params, inplace, strict=True)]
+    pool = ScratchPool(params)
+    prober = Prober(params, stream, phi, inplace, pool)
+    devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+    rng = capture_rng(devices)
+    try:
+        for sign in (0, +1, -1):
+            restore_rng(rng, devices)
+            point = where(0, sign)
+            prober.evaluate(lambda p=point: evaluate(lambda: losses(batch), p, size), 0, sign)
+    finally:
+        prober.restore()
+        for p, copy in zip(params, saved, strict=True):
+            if copy is not None:
+                p.copy_(copy)
+        pool.release_all()

@@ -20,7 +20,18 @@ import torch
 from zoprivacy import checks
 from zoprivacy.optim.masks import pack_mask
 
-__all__ = ["SCHEDULABLE", "StepConfig", "check_group", "check_hyper", "resolve", "resolve_step"]
+__all__ = [
+    "SCHEDULABLE",
+    "StepConfig",
+    "check_batched",
+    "check_group",
+    "check_hyper",
+    "check_mode",
+    "check_public_values",
+    "check_spec",
+    "resolve",
+    "resolve_step",
+]
 
 SCHEDULABLE = ("num_directions", "clip_norm", "noise_multiplier", "perturbation_scale")
 """The hyper-parameters that accept a schedule ``f(step) -> value``."""
@@ -119,3 +130,78 @@ def _masks(mask: Mask, step: int, params: list[torch.Tensor]) -> list[torch.Tens
             )
         packed.append(pack_mask(m.to(p.device)))
     return packed
+
+
+# ---------------------------------------------------------------------- construction checks
+def check_spec(num_directions: Any, clip_norm: Any, noise_multiplier: Any, phi: Any) -> dict:
+    """K, c, σ, φ: constants validated, schedules validated at step 0 (fail early)."""
+    spec: dict[str, Any] = {
+        "num_directions": num_directions,
+        "clip_norm": clip_norm,
+        "noise_multiplier": noise_multiplier,
+        "perturbation_scale": phi,
+    }
+    for name, value in spec.items():
+        if callable(value):
+            check_hyper(name, value(0), scheduled=True)
+        else:
+            spec[name] = check_hyper(name, value, scheduled=False)
+    return spec
+
+
+def check_public_values(
+    b: Any, q: Any, seed: Any, mask: Any
+) -> tuple[float | None, float | None, int | None]:
+    """``expected_batch_size`` b, ``sample_rate`` q and ``seed`` (each optional), and ``mask``."""
+    if b is not None:
+        b = checks.real("expected_batch_size", b, positive=True)
+    if q is not None:
+        q = checks.sample_rate(q)
+    if seed is not None:
+        seed = checks.integer("seed", seed, minimum=0)
+    if mask is not None and not callable(mask):
+        raise TypeError(f"mask must be a callable (step, index, param) -> mask, got {mask!r}")
+    return b, q, seed
+
+
+def check_batched(batched: Any, perturbation: str) -> int | None:
+    """``batched_directions``: None or m ≥ 1, never with the in-place path."""
+    if batched is None:
+        return None
+    batched = checks.integer("batched_directions", batched, minimum=1)
+    if perturbation == "inplace":
+        raise ValueError(
+            "batched_directions evaluates stacked perturbed copies through the "
+            "substitution path; it cannot be combined with perturbation='inplace'"
+        )
+    return batched
+
+
+def check_mode(spec: Mapping[str, Any], b: float | None, accountant: Any, q: float | None) -> None:
+    """DP, clipped-noiseless or MeZO: the combinations that make sense (see DPAggZO)."""
+    clip0 = resolve(spec["clip_norm"], 0)
+    sigma0 = resolve(spec["noise_multiplier"], 0)
+    if clip0 is None and sigma0 > 0:
+        raise ValueError(
+            f"clip_norm=None with noise_multiplier={sigma0}: the noise std is σ·c, "
+            "so a clip norm is required. Pass clip_norm=c > 0, or noise_multiplier=0 for "
+            "non-private MeZO."
+        )
+    if clip0 is not None and b is None:
+        raise ValueError(
+            "expected_batch_size is required when clip_norm is set: the update is normalised "
+            "by the public b = q·ñ, never by the private |B|. Pass expected_batch_size=b > 0."
+        )
+    if accountant is None:
+        return
+    if not callable(getattr(accountant, "step", None)):
+        raise TypeError("accountant must have a step(noise_multiplier, sample_rate, steps)")
+    if q is None:
+        raise ValueError(
+            "sample_rate is required with an accountant: pass the Poisson rate q in (0, 1]"
+        )
+    if clip0 is None or sigma0 <= 0:
+        raise ValueError(
+            "an accountant needs a private configuration: clip_norm > 0 and "
+            "noise_multiplier > 0 (a noiseless step has infinite privacy cost)"
+        )

@@ -1,13 +1,14 @@
-"""The DP-AggZO optimizer (Bao et al., USENIX Security 2025, Algorithm 1) and its presets.
+"""The DP-AggZO optimizer (Bao et al., USENIX Security 2025, Algorithm 1).
 
 :class:`DPAggZO` implements lines 5-16 of Algorithm 1 for one step by calling the pure functions
 of :mod:`zoprivacy.optim.algorithm`; the class keeps the state (step count, public seed, noise
 source, path discovery), the validation and the checkpoints (:mod:`zoprivacy.optim.state`).
 Lines 1-2 (the noisy dataset size ñ and b = q·ñ) and line 4 (Poisson sampling) belong to the
 caller, who passes b as ``expected_batch_size`` and samples the batch inside the closure's data.
-:class:`DPZO` (K = 1) and :class:`MeZO` (no clipping, no noise) are the same class with fixed
-arguments. The DP-ZOSO (stage-wise schedules, :mod:`zoprivacy.optim.schedules`) and DP-ZOPO
-(pruned coordinate subsets, :mod:`zoprivacy.optim.masks`) variants are options of the same class.
+The presets :class:`~zoprivacy.DPZO` (K = 1) and :class:`~zoprivacy.MeZO` (no clipping, no
+noise) live in :mod:`zoprivacy.optim.presets`. The DP-ZOSO (stage-wise schedules,
+:mod:`zoprivacy.optim.schedules`) and DP-ZOPO (pruned coordinate subsets,
+:mod:`zoprivacy.optim.masks`) variants are options of the same class.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from zoprivacy import checks
 from zoprivacy.distributed import DataParallel
 from zoprivacy.noise.source import NoiseSource
 from zoprivacy.optim.algorithm import Clipped, Probe, apply_update, clip_rows, probe, release
-from zoprivacy.optim.closure import evaluate, explain_bad_output, where
+from zoprivacy.optim.closure import check_closure_argument, dry_run, explain_bad_output
 from zoprivacy.optim.config import (
     SCHEDULABLE,
     StepConfig,
+    check_batched,
     check_group,
-    check_hyper,
+    check_mode,
+    check_public_values,
+    check_spec,
     resolve,
     resolve_step,
 )
@@ -44,9 +48,7 @@ from zoprivacy.optim.perturb import (
     PathDiscovery,
     Prober,
     ScratchPool,
-    capture_rng,
     check_perturbation,
-    restore_rng,
 )
 from zoprivacy.optim.state import (
     DIFFERENCES,
@@ -60,7 +62,7 @@ from zoprivacy.optim.state import (
 )
 from zoprivacy.optim.stats import StepStats
 
-__all__ = ["DIFFERENCES", "DPZO", "DPAggZO", "MeZO", "NotPrivateWarning"]
+__all__ = ["DIFFERENCES", "DPAggZO", "NotPrivateWarning"]
 
 Closure = Callable[[], torch.Tensor]
 Mask = Callable[[int, int, torch.Tensor], torch.Tensor | None]
@@ -73,155 +75,61 @@ class NotPrivateWarning(UserWarning):
 class DPAggZO(torch.optim.Optimizer):
     """Differentially private zeroth-order optimizer with K aggregated directions (DP-AggZO).
 
-    One :meth:`step` implements Algorithm 1, lines 5-16:
+    One :meth:`step` is Algorithm 1, lines 5-16: for k < K evaluate the closure at θ ± φz_k and
+    form Δ_k(x) = (L+(x) − L−(x)) / (2φ) (lines 5-10); Δ_agg(x) = (1/K)(Δ_1(x), …, Δ_K(x))
+    (line 12); clip every record's Δ_agg(x) to L2 norm c (line 13); release
+    S = Σ_x Δ̂_agg(x) + v, v ~ N(0, σ²c² I_K), the only data-dependent release (line 15); update
+    θ ← θ − (η/b) Σ_k S_k z_k (line 16). Decoupled weight decay (θ ← θ − η·wd·θ) is applied once
+    per step before the update. Only tensors with ``requires_grad=True`` are touched.
 
-    * lines 5-10: for k = 1..K, regenerate z_k from the public seed, evaluate the closure at
-      θ + φz_k (L+) and θ − φz_k (L−), and form Δ_k(x) = (L+(x) − L−(x)) / (2φ) in float64
-      (how θ ± φz_k is evaluated: ``perturbation`` below);
-    * line 12: Δ_agg(x) = (1/K)(Δ_1(x), …, Δ_K(x));
-    * line 13: Δ̂_agg(x) = Δ_agg(x)·min(1, c/‖Δ_agg(x)‖) (the paper's typeset formula is mis-typed;
-      this is the clipping of DESIGN.md, so every record contributes at most c in L2);
-    * line 15: S = Σ_x Δ̂_agg(x) + v, v ~ N(0, σ²c² I_K), the only data-dependent release;
-    * line 16: θ ← θ − (η/b) Σ_k S_k z_k, regenerating each z_k from its seed again.
+    Modes: DP (``clip_norm`` c and ``noise_multiplier`` σ > 0; normalised by the public
+    ``expected_batch_size`` b, never by the private |B|; an empty batch still releases S = v);
+    clipped but noiseless (σ = 0); MeZO (``clip_norm=None``, σ = 0: normalised by the actual
+    |B|). The last two are not private and warn with :class:`NotPrivateWarning`.
 
-    Decoupled weight decay (θ ← θ − η·wd·θ, per param group) is applied once per step, to the
-    parameters before the zeroth-order update. Only tensors with ``requires_grad=True`` are
-    touched; frozen tensors in ``params`` are skipped.
-
-    Modes:
-
-    * DP (``clip_norm`` set, ``noise_multiplier`` > 0): normalised by ``expected_batch_size`` b,
-      never by the private |B|; an empty batch still releases S = v, updates and counts as a step.
-    * clipped, noiseless (``clip_norm`` set, ``noise_multiplier`` = 0): normalised by b, not
-      private (:class:`NotPrivateWarning`).
-    * MeZO (``clip_norm=None``, ``noise_multiplier`` = 0): plain two-point estimate averaged over
-      the K directions and the actual |B| records; an empty batch only advances the step counter.
-      Not private (:class:`NotPrivateWarning`). ``expected_batch_size`` is ignored.
-
-    Closure contract: ``closure()`` returns the per-record losses of the current batch as a 1-D
+    Closure contract: ``closure()`` returns the per-record losses of the current batch, a 1-D
     floating tensor of shape [|B|] (|B| may be 0). It is called 2K times per step (K + 1 with
-    forward differences) under ``torch.no_grad()``, must not call ``backward()``, must not modify
-    the parameters, and must see the same batch every time. Before each L− evaluation the torch
-    RNG state (CPU, and CUDA for CUDA parameters) is reset to what it was before the matching L+
-    evaluation, so dropout and other random layers see identical randomness at θ+φz_k and
-    θ−φz_k (consecutive directions see fresh randomness). Calling ``model.eval()`` is still
-    recommended: the estimate is then exactly a finite difference.
+    forward differences) under ``torch.no_grad()``, must not call ``backward()`` or modify the
+    parameters, and must see the same batch every time. The torch RNG is reset between the two
+    evaluations of a direction (dropout sees the same randomness at θ ± φz_k); ``model.eval()``
+    is still recommended. Check a closure for free with :meth:`check_closure`.
 
-    Privacy of the returned :class:`~zoprivacy.StepStats`: only ``noisy_sum`` is released
-    under DP. ``batch_size``, ``loss``, ``clip_fraction``, ``batch_clip_error`` and
-    ``max_clip_error`` are computed from the private batch without noise and must not be
-    published.
-
-    Perturbation (``perturbation``, :mod:`zoprivacy.optim.perturb`):
-
-    * ``"auto"`` (default): zero drift. θ is never written during the probe; every torch call of
-      the closure that reads a trainable tensor (module forwards, tied weights read by several
-      modules, weights read outside modules) receives θ_i ± φz_{k,i} built for that call in a
-      scratch buffer from the regenerated z. Parameters are bit-exact after any number of
-      evaluations and after any exception, in every dtype, and a central step generates 3K
-      direction passes instead of 4K. Tensors that the first perturbed evaluation (with at least
-      one record) did not read through torch functions (TorchScript, C++ extensions, another
-      thread, or simply unused) use the in-place path from then on (``perturbation_path`` then
-      says ``"mixed"`` or ``"inplace"``; :attr:`inplace_tensors` lists them). In a data-parallel
-      run ``"auto"`` means ``"hooks"`` (so that every rank takes the same path).
-    * ``"hooks"``: the substitution for every tensor, with a warning if some tensor was not read.
-    * ``"inplace"``: θ += φz_k, θ −= 2φz_k, θ += φz_k around the two evaluations, as in the paper;
-      undoing a perturbation by arithmetic is exact only up to rounding (a few ulps per step,
-      ``benchmarks/drift.py``), and the finite difference uses the nominal φ, not the rounded
-      perturbation actually applied (relative error ~ulp(θ)/φ per Δ_k in float16/bfloat16).
-
-    :attr:`perturbation_path` and ``StepStats.perturbation_path`` say which path ran.
-
-    Directions (``directions``): ``"gaussian"`` (default, as in the paper) or ``"rademacher"``
-    (uniform ±1 from random bits, no float normal drawn: ~8x cheaper to generate). Both have
-    E[z zᵀ] = I, so the estimator is the same in expectation. Per-tensor seeds derived from
-    (``seed``, step, k, tensor index) (:mod:`zoprivacy.optim.directions`), generated in the
-    parameter's dtype with a :class:`torch.Generator` on its device.
-
-    Differences (``difference``):
-
-    * ``"central"`` (default): Δ_k = (L(θ+φz_k) − L(θ−φz_k)) / (2φ), 2K evaluations.
-    * ``"forward"``: Δ_k = (L(θ+φz_k) − L(θ)) / φ with one shared L(θ) per step, K + 1
-      evaluations (the torch RNG is reset to its state before L(θ) before every L(θ+φz_k)).
-      Privacy is unchanged: Δ_agg(x) is still a K-vector computed from record x alone, it is
-      clipped to L2 norm c exactly as before, so adding or removing one record still changes
-      Σ Δ̂_agg by at most c in L2 and the release S is the same Poisson-subsampled Gaussian
-      mechanism with noise multiplier σ. Only the estimator changes (bias O(φ) instead of O(φ²)).
-      ``StepStats.loss`` is then the mean of L(θ).
-
-    Schedules (DP-ZOSO, :mod:`zoprivacy.optim.schedules`): ``num_directions``, ``clip_norm``,
-    ``noise_multiplier`` and ``perturbation_scale`` each accept a callable ``f(step) -> value``
-    (e.g. :class:`~zoprivacy.Stagewise`), evaluated at the start of every step and
-    validated; the properties of the same names return the value for the next step. Learning
-    rates are scheduled with any torch LR scheduler (``torch.optim.lr_scheduler``) on this
-    optimizer. The accountant is charged with the current σ at every step, so schedules that
-    change σ are accounted as heterogeneous steps. ``clip_norm=None`` (MeZO) cannot be
-    scheduled.
-
-    Masks (DP-ZOPO, :mod:`~zoprivacy.optim.masks`): ``mask(step, index, param) -> bool tensor |
-    None``, called for every trainable tensor at the start of every step; the direction of that
-    tensor is then m ⊙ z, so the probe and the update change only the masked coordinates.
-
-    Batched directions (``batched_directions=m``): the closure is evaluated at the 2m points of m
-    directions at once with :func:`torch.func.vmap` over stacked perturbed copies of the
-    trainable tensors (each z generated once per step for the probe). This trades memory for
-    speed: the stacks hold 2m copies of the trainable tensors, so use it only for small
-    trainable subsets (a head, LoRA adapters, a last layer behind
-    :class:`~zoprivacy.PrefixCache`). Peak memory grows with m, not with K. The closure
-    must be vmap-compatible (no ``.item()`` on values that depend on the parameters, no
-    in-place writes to captured tensors); random layers see the same randomness at all 2m
-    points (``randomness="same"``).
-
-    Memory (default path): no copy of θ or of a whole z_k is ever made; peak extra memory is one
-    scratch buffer per device with the byte size of the largest trainable tensor plus K·|B| float64
-    loss differences (``tests/test_optimizer_memory.py``); see :mod:`~zoprivacy.optim.perturb` for
-    the rare cases (a call reading two trainable tensors at once, a view of a perturbed tensor kept
-    by the closure) that add a temporary. Rademacher directions add ~0.6 MiB of fixed chunk buffers;
-    masks add 1 bit per trainable coordinate.
-
-    Noise: from :class:`~zoprivacy.noise.NoiseSource`, never derived from ``seed``: OS entropy per
-    step when ``noise_seed`` is None, a seeded reproducible generator (with a warning that the run
-    is not private) when it is an int.
-
-    Accountant: when ``accountant`` is given, ``accountant.step(noise_multiplier=σ_t,
-    sample_rate=q, steps=1)`` is called at the very start of :meth:`step` with this step's σ,
-    before the closure runs, so a step beyond the budget raises (e.g. ``PrivacyBudgetExceeded``)
-    with the parameters and the data untouched. A step that fails later (bad closure output) has
-    already been charged: this over-counts, which is conservative.
-
-    Failure safety: if the closure raises or returns bad output (not a tensor, not 1-D, NaN/inf,
-    length changing between evaluations), any in-place perturbation is undone in a ``finally``
-    block before the error propagates (the zero-drift path has nothing to undo), nothing is
-    released and the step counter does not advance.
+    Privacy of the returned :class:`~zoprivacy.StepStats`: only ``noisy_sum`` is released under
+    DP; ``batch_size``, ``loss`` and the clipping diagnostics are private and must not be
+    published. Noise comes from :class:`~zoprivacy.noise.NoiseSource`, never from ``seed``. An
+    ``accountant`` is charged at the very start of :meth:`step`, before the closure runs, so a
+    step beyond the budget raises with nothing touched. A closure that raises or returns bad
+    output leaves the parameters as they were and releases nothing.
 
     Args:
         params: iterable of tensors or of param-group dicts (``lr``, ``weight_decay`` per group).
         lr: learning rate η (≥ 0).
-        num_directions: K ≥ 1 (K = 1 is DPZO), or a schedule ``f(step) -> int``.
-        clip_norm: c > 0 (or a schedule), or None for MeZO mode (then ``noise_multiplier`` must
-            be 0).
+        num_directions: K ≥ 1 (K = 1 is DPZO), or a schedule ``f(step) -> int`` (DP-ZOSO,
+            :mod:`~zoprivacy.optim.schedules`; the same holds for c, σ and φ).
+        clip_norm: c > 0 (or a schedule), or None for MeZO mode (then σ must be 0).
         noise_multiplier: σ ≥ 0 (or a schedule); the noise std per coordinate is σ·c.
         expected_batch_size: b = q·ñ > 0, the public normaliser (required unless MeZO mode).
         perturbation_scale: φ > 0 (or a schedule).
-        seed: public seed of the directions (int ≥ 0); None draws one from OS entropy, kept in
-            :attr:`seed` and in ``state_dict()``.
+        seed: public seed of the directions (int ≥ 0); None draws one from OS entropy.
         noise_seed: None (OS entropy, private) or an int (reproducible noise, NOT private).
         weight_decay: decoupled weight decay (≥ 0).
         accountant: object with ``step(noise_multiplier=..., sample_rate=..., steps=1)``.
         sample_rate: q ∈ (0, 1], required with ``accountant``.
-        process_group: None (one process) or a ``torch.distributed`` process group (or a
-            :class:`~zoprivacy.distributed.DataParallel` around one) to make every step data
-            parallel: each rank's closure returns the losses of its own records only; the
-            clipped K-sums are all-reduced, group rank 0 alone draws the noise and broadcasts S,
-            and every rank applies the same update (O(K) floats per step, see
-            :mod:`zoprivacy.distributed`). The returned stats are then global (all ranks'
-            records). With ``seed=None`` rank 0 draws the direction seed and broadcasts it; the
-            construction checks that every rank has the same configuration and parameters.
-        perturbation: ``"auto"`` (default), ``"hooks"`` or ``"inplace"`` (see above).
-        directions: ``"gaussian"`` (default) or ``"rademacher"``.
-        difference: ``"central"`` (default) or ``"forward"``.
-        mask: None or a mask callable (DP-ZOPO, :mod:`zoprivacy.optim.masks`).
-        batched_directions: None (default) or m ≥ 1 directions evaluated per vmapped call.
+        process_group: None or a ``torch.distributed`` process group (or a
+            :class:`~zoprivacy.distributed.DataParallel`): data-parallel steps, each rank's
+            closure returning its own records' losses (:mod:`zoprivacy.distributed`).
+        perturbation: how θ ± φz_k is evaluated (:mod:`~zoprivacy.optim.perturb`): ``"auto"``
+            (default: zero drift, parameters never written during the probe), ``"hooks"`` or
+            ``"inplace"`` (θ written and restored by arithmetic, as in the paper).
+        directions: ``"gaussian"`` (default, as in the paper) or ``"rademacher"`` (uniform ±1,
+            cheaper to generate); both have E[z zᵀ] = I (:mod:`~zoprivacy.optim.directions`).
+        difference: ``"central"`` (default, 2K evaluations) or ``"forward"``
+            (Δ_k = (L(θ+φz_k) − L(θ)) / φ, K + 1 evaluations; same privacy).
+        mask: None or a DP-ZOPO mask callable ``(step, index, param) -> bool tensor | None``
+            (:mod:`~zoprivacy.optim.masks`): the direction becomes m ⊙ z.
+        batched_directions: None or m ≥ 1 directions evaluated per :func:`torch.func.vmap`
+            call over 2m stacked perturbed copies of the trainable tensors (small trainable
+            sets only; the closure must be vmap-compatible).
     """
 
     def __init__(
@@ -250,22 +158,15 @@ class DPAggZO(torch.optim.Optimizer):
             "lr": checks.real("lr", lr, minimum=0.0),
             "weight_decay": checks.real("weight_decay", weight_decay, minimum=0.0),
         }
-        spec = _check_spec(num_directions, clip_norm, noise_multiplier, perturbation_scale)
-        if expected_batch_size is not None:
-            expected_batch_size = checks.real(
-                "expected_batch_size", expected_batch_size, positive=True
-            )
-        if sample_rate is not None:
-            sample_rate = checks.sample_rate(sample_rate)
-        if seed is not None:
-            seed = checks.integer("seed", seed, minimum=0)
-        if mask is not None and not callable(mask):
-            raise TypeError(f"mask must be a callable (step, index, param) -> mask, got {mask!r}")
+        spec = check_spec(num_directions, clip_norm, noise_multiplier, perturbation_scale)
+        expected_batch_size, sample_rate, seed = check_public_values(
+            expected_batch_size, sample_rate, seed, mask
+        )
         self._perturbation = check_perturbation(perturbation)
         self._directions = check_kind(directions)
         self._difference = check_difference(difference)
-        self._batched = _check_batched(batched_directions, self._perturbation)
-        _check_mode(spec, expected_batch_size, accountant, sample_rate)
+        self._batched = check_batched(batched_directions, self._perturbation)
+        check_mode(spec, expected_batch_size, accountant, sample_rate)
         super().__init__(params, defaults)
         if not self._trainable():
             raise ValueError(
@@ -422,7 +323,7 @@ class DPAggZO(torch.optim.Optimizer):
         step. Raises ``ValueError``/``TypeError`` on bad closure output with the parameters
         restored (the step was charged if there is an accountant: the message says so).
         """
-        _check_closure_argument(closure)
+        check_closure_argument(closure)
         entries = self._trainable()
         params = [p for p, _ in entries]
         cfg = self._resolve_step(entries)  # K, c, σ, φ, η, wd, masks: once, before data is read
@@ -810,31 +711,15 @@ class DPAggZO(torch.optim.Optimizer):
                 would raise); :class:`~zoprivacy.tasks.check.PerSampleViolation` when a record's
                 loss depends on the other records.
         """
-        from zoprivacy.tasks.check import batch_size_of, check_per_sample
+        from zoprivacy.tasks.check import check_per_sample
 
         if not callable(losses):
             raise TypeError(f"losses must be callable (batch -> Tensor[|B|]), got {losses!r}")
-        size = batch_size_of(batch)
         entries = self._trainable()
         params = [p for p, _ in entries]
         cfg = self._resolve_step(entries)
-        flags = self._paths.flags(params)
-        saved = [p.detach().clone() if f else None for p, f in zip(params, flags, strict=True)]
-        pool = ScratchPool(params)
-        prober = Prober(params, self._stream(cfg, params), cfg.perturbation_scale, flags, pool)
-        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        rng = capture_rng(devices)
-        try:
-            for sign in (0, +1, -1):
-                restore_rng(rng, devices)
-                point = where(0, sign)
-                prober.evaluate(lambda p=point: evaluate(lambda: losses(batch), p, size), 0, sign)
-        finally:
-            prober.restore()
-            for p, copy in zip(params, saved, strict=True):
-                if copy is not None:
-                    p.copy_(copy)
-            pool.release_all()
+        stream = self._stream(cfg, params)
+        dry_run(losses, batch, params, stream, cfg.perturbation_scale, self._paths.flags(params))
         check_per_sample(losses, batch)
 
     # ------------------------------------------------------------------ public configuration
@@ -883,154 +768,9 @@ class DPAggZO(torch.optim.Optimizer):
         warnings.warn(msg + "; do not use it on data that needs privacy.", NotPrivateWarning, 3)
 
 
-class DPZO(DPAggZO):
-    """DPZO / DPZero: :class:`DPAggZO` with a single direction (K = 1, scalar clipping)."""
+def __getattr__(name: str) -> Any:  # the presets' old home: zoprivacy.optim.optimizer.DPZO/MeZO
+    if name in ("DPZO", "MeZO"):
+        from zoprivacy.optim import presets
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        *,
-        clip_norm: float | Callable[[int], float],
-        noise_multiplier: float | Callable[[int], float],
-        expected_batch_size: float,
-        perturbation_scale: float | Callable[[int], float] = 1e-3,
-        seed: int | None = None,
-        noise_seed: int | None = None,
-        weight_decay: float = 0.0,
-        accountant: Any | None = None,
-        sample_rate: float | None = None,
-        process_group: Any | None = None,
-        perturbation: str = "auto",
-        directions: str = "gaussian",
-        difference: str = "central",
-        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            num_directions=1,
-            clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=expected_batch_size,
-            perturbation_scale=perturbation_scale,
-            seed=seed,
-            noise_seed=noise_seed,
-            weight_decay=weight_decay,
-            accountant=accountant,
-            sample_rate=sample_rate,
-            process_group=process_group,
-            perturbation=perturbation,
-            directions=directions,
-            difference=difference,
-            mask=mask,
-        )
-
-
-class MeZO(DPAggZO):
-    """Non-private MeZO (Malladi et al. 2023): :class:`DPAggZO` without clipping or noise.
-
-    The update is θ ← θ − η·(1/(K|B|)) Σ_x Σ_k Δ_k(x) z_k, normalised by the actual |B|.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        *,
-        perturbation_scale: float | Callable[[int], float] = 1e-3,
-        num_directions: int | Callable[[int], int] = 1,
-        seed: int | None = None,
-        weight_decay: float = 0.0,
-        process_group: Any | None = None,
-        perturbation: str = "auto",
-        directions: str = "gaussian",
-        difference: str = "central",
-        mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
-        batched_directions: int | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            num_directions=num_directions,
-            clip_norm=None,
-            noise_multiplier=0.0,
-            perturbation_scale=perturbation_scale,
-            seed=seed,
-            weight_decay=weight_decay,
-            process_group=process_group,
-            perturbation=perturbation,
-            directions=directions,
-            difference=difference,
-            mask=mask,
-            batched_directions=batched_directions,
-        )
-
-
-# ---------------------------------------------------------------------- argument checks
-def _check_spec(num_directions: Any, clip_norm: Any, noise_multiplier: Any, phi: Any) -> dict:
-    """K, c, σ, φ: constants validated, schedules validated at step 0 (fail early)."""
-    spec: dict[str, Any] = {
-        "num_directions": num_directions,
-        "clip_norm": clip_norm,
-        "noise_multiplier": noise_multiplier,
-        "perturbation_scale": phi,
-    }
-    for name, value in spec.items():
-        if callable(value):
-            check_hyper(name, value(0), scheduled=True)
-        else:
-            spec[name] = check_hyper(name, value, scheduled=False)
-    return spec
-
-
-def _check_batched(batched: Any, perturbation: str) -> int | None:
-    if batched is None:
-        return None
-    batched = checks.integer("batched_directions", batched, minimum=1)
-    if perturbation == "inplace":
-        raise ValueError(
-            "batched_directions evaluates stacked perturbed copies through the "
-            "substitution path; it cannot be combined with perturbation='inplace'"
-        )
-    return batched
-
-
-def _check_mode(spec: dict, b: float | None, accountant: Any, q: float | None) -> None:
-    """DP, clipped-noiseless or MeZO: the combinations that make sense (class docstring)."""
-    clip0 = resolve(spec["clip_norm"], 0)
-    sigma0 = resolve(spec["noise_multiplier"], 0)
-    if clip0 is None and sigma0 > 0:
-        raise ValueError(
-            f"clip_norm=None with noise_multiplier={sigma0}: the noise std is σ·c, "
-            "so a clip norm is required. Pass clip_norm=c > 0, or noise_multiplier=0 for "
-            "non-private MeZO."
-        )
-    if clip0 is not None and b is None:
-        raise ValueError(
-            "expected_batch_size is required when clip_norm is set: the update is normalised "
-            "by the public b = q·ñ, never by the private |B|. Pass expected_batch_size=b > 0."
-        )
-    if accountant is None:
-        return
-    if not callable(getattr(accountant, "step", None)):
-        raise TypeError("accountant must have a step(noise_multiplier, sample_rate, steps)")
-    if q is None:
-        raise ValueError(
-            "sample_rate is required with an accountant: pass the Poisson rate q in (0, 1]"
-        )
-    if clip0 is None or sigma0 <= 0:
-        raise ValueError(
-            "an accountant needs a private configuration: clip_norm > 0 and "
-            "noise_multiplier > 0 (a noiseless step has infinite privacy cost)"
-        )
-
-
-def _check_closure_argument(closure: object) -> None:
-    if closure is None:
-        raise ValueError(
-            "DPAggZO.step needs a closure returning the per-record losses (shape [|B|]) of "
-            "the current batch, evaluated without backward(): opt.step(lambda: losses(model))"
-        )
-    if not callable(closure):
-        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
