@@ -18,11 +18,20 @@ import torch
 
 from zoprivacy import DPAggZO
 from zoprivacy.accounting import compute_epsilon
-from zoprivacy.audit import AuditResult, gaussian_epsilon, run_audit, subsampled_gaussian_epsilon
+from zoprivacy.audit import (
+    AuditResult,
+    audit_dpadamw,
+    audit_make_private,
+    audit_resume,
+    gaussian_epsilon,
+    run_audit,
+    subsampled_gaussian_epsilon,
+)
 from zoprivacy.noise import samplers as secure_noise
 from zoprivacy.noise.source import NoiseSource
 
 GAUSSIAN = ("release:likelihood", "update:likelihood", "release:norm", "update:norm")
+LAST = ("release:last", "update:last")
 SIGMA, DELTA = 2.0, 1e-2
 
 
@@ -423,3 +432,127 @@ def test_exact_grid_release_resists_the_float_attack():
 def test_dpaggzo_release_resists_the_float_attack():
     result = _float_audit(DPAggZO)
     assert not result.violation, result.summary()
+
+
+# ---------------------------------------------------------------------------- the other paths
+def _make_private_with_noise(factor, *, on_resume_only=False):
+    """make_private whose optimizer adds ``factor`` times the calibrated noise (on a resume only,
+    with ``on_resume_only``: a resume that restores the noise wrongly)."""
+    from zoprivacy import make_private
+
+    def wrapped(*args, **kwargs):
+        run = make_private(*args, **kwargs)
+        if not on_resume_only or kwargs.get("checkpoint") is not None:
+            run.optimizer._noise = _ScaledNoise(lambda k: factor)
+        return run
+
+    return wrapped
+
+
+def _assert_sound(result, path):
+    assert result.path == path
+    assert not result.violation, result.summary()
+    assert result.epsilon_lower <= result.epsilon_claimed
+    # the run's accountant: T steps at the calibrated σ plus the size release, = the target
+    assert result.epsilon_claimed == pytest.approx(1.0, abs=1e-6)
+    assert result.epsilon_tight < result.epsilon_claimed
+    assert abs(result.shift - 1.0) < 4 * result.shift_stderr, result.summary()
+
+
+def test_make_private_loop_stays_below_its_accountant():
+    result = audit_make_private(
+        num_directions=4,
+        target_epsilon=1.0,
+        trials=40,
+        delta=DELTA,
+        steps=1,
+        seed=8,
+        attacks=GAUSSIAN,
+    )
+    _assert_sound(result, "make_private")
+    assert result.noise_std == pytest.approx(result.noise_multiplier, rel=0.3)
+
+
+def test_make_private_loop_with_too_little_noise_is_flagged():
+    result = audit_make_private(
+        num_directions=4,
+        target_epsilon=1.0,
+        trials=40,
+        delta=DELTA,
+        steps=1,
+        seed=8,
+        make_private=_make_private_with_noise(0.05),
+        attacks=GAUSSIAN,
+    )
+    assert result.violation, result.summary()
+
+
+def test_journal_replayed_resume_stays_below_its_accountant():
+    """Killed after step 0 and resumed twice from the checkpoint taken before it: both resumes
+    replay step 0 from the journal, so the attacker's three views of step 0 are one release."""
+    result = audit_resume(
+        num_directions=4,
+        target_epsilon=1.0,
+        trials=30,
+        delta=DELTA,
+        steps=2,
+        restarts=2,
+        seed=9,
+        attacks=GAUSSIAN + LAST,
+    )
+    _assert_sound(result, "resume")
+
+
+def test_resume_that_restores_too_little_noise_is_flagged():
+    result = audit_resume(
+        num_directions=4,
+        target_epsilon=1.0,
+        trials=60,
+        delta=DELTA,
+        steps=2,
+        restarts=1,
+        seed=9,
+        make_private=_make_private_with_noise(0.05, on_resume_only=True),
+        attacks=GAUSSIAN + LAST,
+    )
+    assert result.violation, result.summary()
+    assert result.attack.endswith(":last")
+
+
+@pytest.mark.slow
+def test_resume_without_journal_releases_again_and_is_flagged():
+    """journal=False (the opt-out) on a run killed after step 0 and resumed 14 times: step 0 is
+    released 15 times and charged once. The family bound sees the effective noise multiplier
+    far below the calibrated σ, and its ε above the claim."""
+    result = audit_resume(
+        num_directions=2,
+        target_epsilon=1.0,
+        trials=100,
+        delta=DELTA,
+        steps=1,
+        restarts=14,
+        journal=False,
+        seed=10,
+        attacks=GAUSSIAN,
+    )
+    assert result.noise_multiplier_upper < result.noise_multiplier, result.summary()
+    assert result.epsilon_lower_gdp > result.epsilon_claimed, result.summary()
+
+
+def test_dpadamw_baseline_stays_below_its_accountant():
+    result = audit_dpadamw(target_epsilon=1.0, trials=40, delta=DELTA, attacks=GAUSSIAN)
+    _assert_sound(result, "dpadamw")
+
+
+def test_dpadamw_with_too_little_noise_is_flagged():
+    from zoprivacy.finetune import make_trainer
+
+    def quiet(*args, **kwargs):  # Opacus adds σ·c·0.05 instead of the calibrated σ·c
+        trainer = make_trainer(*args, **kwargs)
+        trainer.optimizer.noise_multiplier *= 0.05
+        return trainer
+
+    result = audit_dpadamw(
+        target_epsilon=1.0, trials=40, delta=DELTA, make_trainer=quiet, attacks=GAUSSIAN
+    )
+    assert result.violation, result.summary()

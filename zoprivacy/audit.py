@@ -32,6 +32,9 @@ Each attack is a real-valued statistic of what the attacker sees, thresholded:
   Σ_t log(1 − q + q·exp((y_t − ½)/σ²)) for q < 1 (the canary is in each batch with probability q);
 * ``release:norm`` / ``update:norm``: Σ_t ‖R_t‖/c (catches scale changes such as |B|-dependent
   normalisation);
+* ``release:last`` / ``update:last`` (runs with more than one publication): y of the last one
+  alone, the attacker who sees only the final model (catches a fault confined to the end of a
+  run, e.g. a resume that restores less noise);
 * ``release:float``: how many coordinates of the first release cannot be written as
   fl(x₁ + v) for any float v, where x₁ is the canary's clipped vector as the optimizer computes it
   (obtained by a noiseless dry run of the same class). Float noise added to an unrounded float sum
@@ -102,14 +105,13 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from zoprivacy import checks as check
-from zoprivacy.accounting import compute_epsilon
+from zoprivacy.accounting import RDPAccountant
 from zoprivacy.accounting.hypothesis_test import clopper_pearson, epsilon_from_rates
 from zoprivacy.accounting.pld import subsampled_gaussian_epsilon_pld
 from zoprivacy.accounting.profile import (
@@ -119,13 +121,23 @@ from zoprivacy.accounting.profile import (
     subsampled_gaussian_epsilon,
 )
 from zoprivacy.accounting.tradeoff import mu_from_rates, subsampled_gaussian_tradeoff
-from zoprivacy.data.poisson import PoissonBatchSampler
+from zoprivacy.audit_targets import (
+    AdamWTarget,
+    Canary,
+    MakePrivateTarget,
+    Mechanism,
+    OptimizerTarget,
+    ResumeTarget,
+)
 from zoprivacy.noise.samplers import noise_grid
-from zoprivacy.optim.directions import direction_tensor, draw_public_seed
+from zoprivacy.optim.directions import draw_public_seed
 from zoprivacy.optim.optimizer import DPAggZO
 
 __all__ = [
     "AuditResult",
+    "audit_dpadamw",
+    "audit_make_private",
+    "audit_resume",
     "clopper_pearson",
     "epsilon_from_rates",
     "gaussian_delta",
@@ -136,8 +148,6 @@ __all__ = [
     "subsampled_gaussian_epsilon_pld",
     "subsampled_gaussian_tradeoff",
 ]
-
-_CANARY_SCALE = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +203,7 @@ class AuditResult:
     tight_reference: str | None = None
     noise_multiplier_upper: float | None = None
     epsilon_lower_family: float | None = None
+    path: str = "optimizer"
     _data: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -329,83 +340,7 @@ def _evaluate(
     }
 
 
-# ---------------------------------------------------------------------------- the game
-class _Game:
-    """The canary setup shared by all trials: public directions, closures, the dry run."""
-
-    def __init__(self, *, k, sigma, q, steps, c, background, lr, public_seed, cls, kwargs):
-        self.k, self.sigma, self.q, self.steps, self.c = k, sigma, q, steps, c
-        self.background, self.lr, self.public_seed = background, lr, public_seed
-        self.cls, self.kwargs = cls, dict(kwargs)
-        self.dim = k + 1
-        self.scale = _CANARY_SCALE * c * k
-        self.b = q * (background + 1)
-        self.u, self.pinv = [], []
-        for t in range(steps):
-            z = torch.stack(
-                [
-                    direction_tensor(
-                        (self.dim,),
-                        seed=public_seed,
-                        step=t,
-                        k=j,
-                        index=0,
-                        dtype=torch.float64,
-                        kind=self.kwargs.get("directions", "gaussian"),
-                    )
-                    for j in range(k)
-                ],
-                dim=1,
-            )  # [d, K]
-            w = z[0].clone()
-            self.u.append(w / torch.linalg.vector_norm(w))
-            self.pinv.append(torch.linalg.pinv(z))
-        self.canary_sum = self._dry_run()
-
-    def optimizer(self, theta: torch.Tensor, sigma: float) -> DPAggZO:
-        return self.cls(
-            [theta],
-            self.lr,
-            num_directions=self.k,
-            clip_norm=self.c,
-            noise_multiplier=sigma,
-            expected_batch_size=self.b,
-            seed=self.public_seed,
-            **self.kwargs,
-        )
-
-    def closure(self, theta: torch.Tensor, batch: list[int], canary: int | None):
-        mask = torch.tensor([i == canary for i in batch], dtype=torch.bool)
-        zero = torch.zeros((), dtype=torch.float64)
-        scale = self.scale
-
-        def closure() -> torch.Tensor:
-            return torch.where(mask, scale * theta[0], zero)
-
-        return closure
-
-    def _dry_run(self) -> torch.Tensor:
-        """x₁: the canary's clipped K-vector exactly as the class computes it (no noise)."""
-        theta = torch.nn.Parameter(torch.zeros(self.dim, dtype=torch.float64))
-        opt = self.optimizer(theta, 0.0)
-        return opt.step(self.closure(theta, [0], 0)).noisy_sum.detach().clone()
-
-    def run(self, with_canary: bool, sampler: PoissonBatchSampler) -> tuple[np.ndarray, ...]:
-        """One trial: releases and update-derived releases, each [steps, K]."""
-        theta = torch.nn.Parameter(torch.zeros(self.dim, dtype=torch.float64))
-        opt = self.optimizer(theta, self.sigma)
-        canary = self.background if with_canary else None
-        releases = np.empty((self.steps, self.k))
-        from_update = np.empty((self.steps, self.k))
-        for t in range(self.steps):
-            before = theta.detach().clone()
-            stats_t = opt.step(self.closure(theta, sampler.sample_batch(), canary))
-            releases[t] = stats_t.noisy_sum.detach().double().cpu().numpy()
-            moved = theta.detach() - before
-            from_update[t] = (-(self.b / self.lr) * (self.pinv[t] @ moved)).numpy()
-        return releases, from_update
-
-
+# ---------------------------------------------------------------------------- the statistics
 def _unreachable(observed: np.ndarray, x: np.ndarray) -> np.ndarray:
     """True where no float v near ``observed − x`` gives fl(x + v) == observed."""
     v0 = observed - x
@@ -415,26 +350,157 @@ def _unreachable(observed: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ~reachable
 
 
-def _statistics(game: _Game, releases: np.ndarray, updates: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-trial statistics; ``releases``/``updates`` are [trials, steps, K]."""
-    u = np.stack([ut.numpy() for ut in game.u])  # [steps, K]
+def _projections(mech: Mechanism, values: np.ndarray, c: float) -> np.ndarray:
+    """y = ⟨R, u⟩/c per trial and row ([trials, rows])."""
+    return np.einsum("nsk,sk->ns", values, mech.directions) / c
+
+
+def _statistics(
+    mech: Mechanism, c: float, releases: np.ndarray, updates: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-trial statistics; ``releases``/``updates`` are [trials, rows, K]."""
     out: dict[str, np.ndarray] = {}
+    q, sigma = mech.sample_rate, mech.noise_multiplier
     for channel, values in (("release", releases), ("update", updates)):
-        y = np.einsum("nsk,sk->ns", values, u) / game.c
-        if game.q >= 1.0:
+        y = _projections(mech, values, c)
+        if q >= 1.0:
             out[f"{channel}:likelihood"] = y.sum(axis=1)
         else:
-            llr = np.logaddexp(math.log1p(-game.q), math.log(game.q) + (y - 0.5) / game.sigma**2)
+            llr = np.logaddexp(math.log1p(-q), math.log(q) + (y - 0.5) / sigma**2)
             out[f"{channel}:likelihood"] = llr.sum(axis=1)
-        out[f"{channel}:norm"] = np.linalg.norm(values, axis=2).sum(axis=1) / game.c
-    x1 = game.canary_sum.numpy()
-    out["release:float"] = _unreachable(releases[:, 0, :], x1[None, :]).sum(axis=1).astype(float)
-    scaled = releases / noise_grid(game.sigma * game.c)  # exact: the grid is a power of two
-    out["release:grid"] = (scaled == np.round(scaled)).sum(axis=(1, 2)).astype(float)
+        out[f"{channel}:norm"] = np.linalg.norm(values, axis=2).sum(axis=1) / c
+        if y.shape[1] > 1:  # the last publication alone (the final-model threat model)
+            out[f"{channel}:last"] = y[:, -1]
+    if mech.canary_sum is not None:
+        x1 = mech.canary_sum[None, :]
+        out["release:float"] = _unreachable(releases[:, 0, :], x1).sum(axis=1).astype(float)
+        scaled = releases / noise_grid(sigma * c)  # exact: the grid is a power of two
+        out["release:grid"] = (scaled == np.round(scaled)).sum(axis=(1, 2)).astype(float)
     return out
 
 
-# ---------------------------------------------------------------------------- entry point
+# ---------------------------------------------------------------------------- the trials
+@dataclasses.dataclass(frozen=True)
+class _TrialData:
+    """What the trials produced; enough to redo the analysis at another δ."""
+
+    path: str
+    num_directions: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    trials: int
+    stats0: dict[str, np.ndarray]
+    stats1: dict[str, np.ndarray]
+    y0: np.ndarray
+    y1: np.ndarray
+    accountant: dict[str, Any]
+    confidence: float
+    seconds: float
+
+
+def _play(
+    target: Any, *, path: str, k: int, c: float, steps: int, trials: int, attacks, confidence
+) -> _TrialData:
+    """``trials`` runs of ``target`` on D0 and on D1 each, and their statistics."""
+    start = time.perf_counter()
+    views: tuple[list, list] = ([], [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotPrivateWarning (dry run), seeded sampling
+        for _ in range(trials):
+            for d in (0, 1):
+                views[d].append(target.run(d == 1))
+    mech = target.mechanism
+    rel = [np.stack([v[0] for v in views[d]]) for d in (0, 1)]
+    stats = [_statistics(mech, c, rel[d], np.stack([v[1] for v in views[d]])) for d in (0, 1)]
+    if attacks is not None:
+        unknown = set(attacks) - set(stats[0])
+        if unknown or not attacks:
+            raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {sorted(stats[0])}")
+        stats = [{a: s[a] for a in attacks} for s in stats]
+    return _TrialData(
+        path=path,
+        num_directions=k,
+        noise_multiplier=mech.noise_multiplier,
+        sample_rate=mech.sample_rate,
+        steps=steps,
+        clip_norm=c,
+        trials=trials,
+        stats0=stats[0],
+        stats1=stats[1],
+        y0=_projections(mech, rel[0], c),
+        y1=_projections(mech, rel[1], c),
+        accountant=views[1][0][2],
+        confidence=confidence,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------- entry points
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The validated arguments every entry point shares."""
+
+    k: int
+    steps: int
+    trials: int
+    background: int
+    c: float
+    q: float
+    delta: float
+    confidence: float
+    seed: int
+
+
+def _settings(
+    *,
+    num_directions,
+    steps,
+    trials,
+    background_records,
+    clip_norm,
+    sample_rate,
+    delta,
+    confidence,
+    seed,
+    min_background=0,
+) -> _Settings:
+    return _Settings(
+        k=check.integer("num_directions", num_directions, minimum=1),
+        steps=check.integer("steps", steps, minimum=1),
+        trials=check.integer("trials", trials, minimum=20),
+        background=check.integer("background_records", background_records, minimum=min_background),
+        c=check.real("clip_norm", clip_norm, positive=True),
+        q=check.sample_rate(sample_rate),
+        delta=check.delta(delta),
+        confidence=_confidence(confidence),
+        seed=draw_public_seed() if seed is None else check.integer("seed", seed, minimum=0),
+    )
+
+
+def _audit(target_for, s: _Settings, path: str, attacks) -> AuditResult:
+    """Build the canary and the target, play the trials, analyse them at δ."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = target_for(s)
+    data = _play(
+        target,
+        path=path,
+        k=s.k,
+        c=s.c,
+        steps=s.steps,
+        trials=s.trials,
+        attacks=attacks,
+        confidence=s.confidence,
+    )
+    return _analyse(data, s.delta)
+
+
+def _canary(s: _Settings, kind: str = "gaussian") -> Canary:
+    return Canary(k=s.k, c=s.c, steps=s.steps, seed=s.seed, kind=kind)
+
+
 def run_audit(
     *,
     num_directions: int,
@@ -475,91 +541,189 @@ def run_audit(
         attacks: names of the statistics to use (default: all, see the module docstring).
         confidence: confidence of the intervals and of the bound (default 0.95).
     """
-    k = check.integer("num_directions", num_directions, minimum=1)
-    t_steps = check.integer("steps", steps, minimum=1)
-    n_trials = check.integer("trials", trials, minimum=20)
-    background = check.integer("background_records", background_records, minimum=0)
-    sigma = check.real("noise_multiplier", noise_multiplier, positive=True)
-    c = check.real("clip_norm", clip_norm, positive=True)
-    q = check.sample_rate(sample_rate)
-    delta = check.delta(delta)
-    confidence = _confidence(confidence)
-
-    start = time.perf_counter()
-    public_seed = draw_public_seed() if seed is None else check.integer("seed", seed, minimum=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotPrivateWarning (dry run), seeded sampling
-        game = _Game(
-            k=k,
-            sigma=sigma,
-            q=q,
-            steps=t_steps,
-            c=c,
-            background=background,
-            lr=1.0,
-            public_seed=public_seed,
-            cls=optimizer_cls,
-            kwargs=optimizer_kwargs or {},
-        )
-        rng = None if seed is None else np.random.default_rng([public_seed, 1])
-        samplers = [
-            PoissonBatchSampler(background + extra, q, steps=t_steps, generator=rng)
-            if background + extra > 0
-            else None
-            for extra in (0, 1)
-        ]
-        shape = (n_trials, t_steps, k)
-        rel = [np.empty(shape), np.empty(shape)]
-        upd = [np.empty(shape), np.empty(shape)]
-        for i in range(n_trials):
-            for d in (0, 1):
-                sampler = samplers[d] or _EmptySampler()
-                rel[d][i], upd[d][i] = game.run(d == 1, sampler)
-
-    stats0 = _statistics(game, rel[0], upd[0])
-    stats1 = _statistics(game, rel[1], upd[1])
-    if attacks is not None:
-        unknown = set(attacks) - set(stats0)
-        if unknown or not attacks:
-            raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {sorted(stats0)}")
-        stats0 = {a: stats0[a] for a in attacks}
-        stats1 = {a: stats1[a] for a in attacks}
-    u = np.stack([ut.numpy() for ut in game.u])
-    data = _TrialData(
-        num_directions=k,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=t_steps,
-        clip_norm=c,
-        trials=n_trials,
-        stats0=stats0,
-        stats1=stats1,
-        y0=np.einsum("nsk,sk->ns", rel[0], u) / c,
-        y1=np.einsum("nsk,sk->ns", rel[1], u) / c,
+    s = _settings(
+        num_directions=num_directions,
+        steps=steps,
+        trials=trials,
+        background_records=background_records,
+        clip_norm=clip_norm,
+        sample_rate=sample_rate,
+        delta=delta,
         confidence=confidence,
-        seconds=time.perf_counter() - start,
+        seed=seed,
     )
-    return _analyse(data, delta)
+    sigma = check.real("noise_multiplier", noise_multiplier, positive=True)
+    kwargs = dict(optimizer_kwargs or {})
+
+    def target(s: _Settings) -> OptimizerTarget:
+        rng = None if seed is None else np.random.default_rng([s.seed, 1])
+        canary = _canary(s, kwargs.get("directions", "gaussian"))
+        return OptimizerTarget(
+            canary,
+            sigma=sigma,
+            q=s.q,
+            steps=s.steps,
+            background=s.background,
+            cls=optimizer_cls,
+            kwargs=kwargs,
+            rng=rng,
+        )
+
+    return _audit(target, s, "optimizer", attacks)
 
 
-@dataclasses.dataclass(frozen=True)
-class _TrialData:
-    """What the trials produced; enough to redo the analysis at another δ."""
+def audit_make_private(
+    *,
+    num_directions: int,
+    target_epsilon: float,
+    trials: int,
+    delta: float,
+    sample_rate: float = 1.0,
+    steps: int = 1,
+    clip_norm: float = 1.0,
+    background_records: int = 1,
+    size_fraction: float = 0.05,
+    seed: int | None = None,
+    make_private: Callable[..., Any] | None = None,
+    attacks: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit :func:`zoprivacy.make_private`'s loop with a canary (``path="make_private"``).
 
-    num_directions: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    clip_norm: float
-    trials: int
-    stats0: dict[str, np.ndarray]
-    stats1: dict[str, np.ndarray]
-    y0: np.ndarray
-    y1: np.ndarray
-    confidence: float
-    seconds: float
+    Each trial calls ``make_private`` on D0 or D1 (records 0.0 and the canary 1.0; the size ñ is
+    released with ``size_fraction`` of ε) with budget (``target_epsilon``, δ) at ``sample_rate``
+    and runs its Poisson loader to the end with ``optimizer.step``
+    (:class:`~zoprivacy.audit_targets.MakePrivateTarget`). The claim is the run's own
+    accountant's ε at δ (size release included); σ is make_private's calibrated one.
+    ``make_private``: the function to call (default: the library's; a wrapper planting a
+    fault, in tests). Other arguments as in :func:`run_audit`; D0 needs a record
+    (``background_records`` ≥ 1)."""
+    s = _settings(
+        num_directions=num_directions,
+        steps=steps,
+        trials=trials,
+        background_records=background_records,
+        clip_norm=clip_norm,
+        sample_rate=sample_rate,
+        delta=delta,
+        confidence=confidence,
+        seed=seed,
+        min_background=1,
+    )
+    options = _run_options(target_epsilon, s, size_fraction, make_private)
+    return _audit(lambda s: MakePrivateTarget(_canary(s), **options), s, "make_private", attacks)
 
 
+def audit_resume(
+    *,
+    num_directions: int,
+    target_epsilon: float,
+    trials: int,
+    delta: float,
+    restarts: int = 1,
+    journal: bool = True,
+    sample_rate: float = 1.0,
+    steps: int = 2,
+    clip_norm: float = 1.0,
+    background_records: int = 1,
+    size_fraction: float = 0.05,
+    seed: int | None = None,
+    make_private: Callable[..., Any] | None = None,
+    attacks: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit a crashed and resumed :func:`zoprivacy.make_private` run (``path="resume"``).
+
+    As :func:`audit_make_private`, but each run is checkpointed before its first step, killed
+    after step 0 and resumed from the checkpoint ``restarts`` times (the last resume finishes
+    the run; :class:`~zoprivacy.audit_targets.ResumeTarget`). The attacker sees every
+    publication of every process: the releases and updates of the steps each one ran, and the
+    model of a resume that replayed step 0 from the journal. ``journal=True`` uses
+    make_private's default crash safety (step 0 is replayed, never released again);
+    ``journal=False`` passes the opt-out, so every restart releases step 0 again. The claim is
+    the final process's accountant."""
+    s = _settings(
+        num_directions=num_directions,
+        steps=steps,
+        trials=trials,
+        background_records=background_records,
+        clip_norm=clip_norm,
+        sample_rate=sample_rate,
+        delta=delta,
+        confidence=confidence,
+        seed=seed,
+        min_background=1,
+    )
+    options = _run_options(target_epsilon, s, size_fraction, make_private)
+    options.update(restarts=check.integer("restarts", restarts, minimum=1), journal=bool(journal))
+    return _audit(lambda s: ResumeTarget(_canary(s), **options), s, "resume", attacks)
+
+
+def audit_dpadamw(
+    *,
+    target_epsilon: float,
+    trials: int,
+    delta: float,
+    steps: int = 1,
+    clip_norm: float = 1.0,
+    background_records: int = 1,
+    make_trainer: Callable[..., Any] | None = None,
+    attacks: tuple[str, ...] | None = None,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit the ``zoprivacy finetune`` DP-AdamW baseline with a canary (``path="dpadamw"``).
+
+    Each trial builds the job's trainer (``make_trainer`` with ``method="dpadamw"``: its
+    planner, Opacus's ``DPOptimizer``, its Poisson loader) for budget (``target_epsilon``, δ) on
+    D0 or D1 and runs it to the end (:class:`~zoprivacy.audit_targets.AdamWTarget`). The
+    expected batch size is far above ñ, so q = 1 in every trial (the job sets q = b/ñ, which
+    would otherwise differ between trials). The release is the noisy gradient (K = 4); the
+    claim is the trainer's accountant. ``make_trainer``: the function to call (default:
+    :func:`zoprivacy.finetune.make_trainer`; a wrapper planting a fault, in tests)."""
+    s = _settings(
+        num_directions=4,
+        steps=steps,
+        trials=trials,
+        background_records=background_records,
+        clip_norm=clip_norm,
+        sample_rate=1.0,
+        delta=delta,
+        confidence=confidence,
+        seed=0,
+        min_background=1,
+    )
+    epsilon = check.epsilon(target_epsilon, "target_epsilon")
+
+    def target(s: _Settings) -> AdamWTarget:
+        return AdamWTarget(
+            c=s.c,
+            epsilon=epsilon,
+            delta=s.delta,
+            batch_size=_Q1_BATCH_SIZE,
+            steps=s.steps,
+            background=s.background,
+            make_trainer=make_trainer,
+        )
+
+    return _audit(target, s, "dpadamw", attacks)
+
+
+_Q1_BATCH_SIZE = 1e12  # above any ñ: q = min(1, b/ñ) = 1
+
+
+def _run_options(epsilon, s: _Settings, size_fraction, make_private) -> dict[str, Any]:
+    return dict(
+        epsilon=check.epsilon(epsilon, "target_epsilon"),
+        delta=s.delta,
+        q=s.q,
+        steps=s.steps,
+        background=s.background,
+        size_fraction=check.size_fraction(size_fraction),
+        make_private=make_private,
+    )
+
+
+# ---------------------------------------------------------------------------- analysis
 def _analyse(data: _TrialData, delta: float) -> AuditResult:
     delta = check.delta(delta)
     conf = data.confidence
@@ -578,10 +742,6 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         one = _select({name: sel0[name]}, {name: sel1[name]}, delta, conf, gdp=False)
         by_attack[name] = _evaluate(one, {name: ev0[name]}, {name: ev1[name]}, delta, conf)["value"]
     sigma, q, t_steps = data.noise_multiplier, data.sample_rate, data.steps
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        claimed = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=t_steps, delta=delta)
-    mu_claimed = math.sqrt(t_steps) / sigma if q >= 1.0 else None
     tight, reference = _tight_epsilon(q, sigma, t_steps, delta)
     if q >= 1.0:  # T Gaussian steps are one Gaussian with μ = √T/σ: σ' = √T/μ
         noise_upper = _reciprocal(mu_lower) * math.sqrt(t_steps)
@@ -594,6 +754,7 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         noise_upper, epsilon_family = None, None
     y0, y1 = data.y0, data.y1
     return AuditResult(
+        path=data.path,
         num_directions=data.num_directions,
         noise_multiplier=sigma,
         sample_rate=q,
@@ -604,10 +765,10 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         selection_trials=half,
         evaluation_trials=data.trials - half,
         epsilon_lower=main["value"],
-        epsilon_claimed=float(claimed),
+        epsilon_claimed=_claimed(data.accountant, delta),
         epsilon_tight=tight,
         tight_reference=reference,
-        mu_claimed=mu_claimed,
+        mu_claimed=math.sqrt(t_steps) / sigma if q >= 1.0 else None,
         mu_lower=mu_lower,
         epsilon_lower_gdp=gaussian_epsilon(mu_lower, delta),
         noise_multiplier_upper=noise_upper,
@@ -628,10 +789,20 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
     )
 
 
+def _claimed(state: dict[str, Any], delta: float) -> float:
+    """The ε at δ of the accountant a run ended with (what the run reports)."""
+    accountant = RDPAccountant()
+    accountant.load_state_dict({**state, "budget": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
+
+
 def _tight_epsilon(
     q: float, sigma: float, steps: int, delta: float
 ) -> tuple[float | None, str | None]:
-    """The tight ε of the correct mechanism at δ, and where it comes from."""
+    """The tight ε of the correct mechanism's T Gaussian steps at δ (no size release), and
+    where it comes from."""
     if q >= 1.0:
         return gaussian_epsilon(math.sqrt(steps) / sigma, delta), "gaussian"
     if steps == 1:
@@ -643,13 +814,6 @@ def _tight_epsilon(
 def _reciprocal(mu: float) -> float:
     """1/μ with 1/0 = inf (no evidence) and 1/inf = 0 (a perfect test)."""
     return math.inf if mu <= 0.0 else 1.0 / mu
-
-
-class _EmptySampler:
-    """D0 with no record at all: every batch is empty."""
-
-    def sample_batch(self) -> list[int]:
-        return []
 
 
 def _confidence(confidence: object) -> float:
