@@ -26,10 +26,17 @@ prints the public test file's statistics only, never the training file's size or
 
 Output (``--out``, default ``benchmarks/results/debates/data``): ``train.csv`` and ``test.csv``
 with the columns ``text`` and ``label``, which ``zoprivacy finetune --train-file ... --test-file
-...`` (:func:`zoprivacy.finetune.user_data.load_user_data`) reads as they are. Running the job on
-them is not part of this script yet.
+...`` (:func:`zoprivacy.finetune.user_data.load_user_data`) reads as they are.
 
-Run: ``python -m benchmarks.debates [--out FOLDER]``.
+``--run`` then runs the job on them through ``--train-file``/``--test-file`` (MiniLM, its
+classifier head trained on the frozen encoder's cached output, ``--max-length 128``, seed 0) for
+the three methods of :data:`RUNS`: DP-AggZO (ε = 2), the non-private AdamW baseline and DP-AdamW
+(ε = 2), each with T = :data:`STEPS` steps (modest, so that each run takes a few minutes on two
+CPU cores; the packaged default uses T = 1000), and copies each public ``report.json`` to
+``benchmarks/results/debates/<method>.json``. The runs' folders (weights, diagnostics) stay in
+``--runs`` (default ``runs/debates``) and are not committed.
+
+Run: ``python -m benchmarks.debates [--out FOLDER] [--run [--runs FOLDER]]``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "debates" / "data"
 TEST_DEBATES = ("3rd",)
 PARTIES = ("Democratic", "Republican")
 _STAGE_DIRECTION = re.compile(r"\((?:[A-Z]+\s?)+\)")
+RESULTS = Path(__file__).resolve().parent / "results" / "debates"
+#: Steps of every run of ``--run`` (modest: a few minutes each on two CPU cores).
+STEPS = 500
+#: The methods compared by ``--run``: (method, extra options).
+RUNS = (
+    ("dpaggzo", ("--epsilon", "2")),
+    ("adamw", ()),
+    ("dpadamw", ("--epsilon", "2")),
+)
 
 
 def source_file() -> Path:
@@ -104,6 +120,8 @@ def write_csv(path: Path, rows: Sequence[dict[str, str]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the CSV files")
+    parser.add_argument("--run", action="store_true", help="also run the job (see the docstring)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/debates"), help="run folders")
     args = parser.parse_args(argv)
     path = source_file()
     train, test = split_by_debate(read_statements(path))
@@ -118,7 +136,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"debate; " + ", ".join(f"{party} {counts[party]}" for party in PARTIES)
     )
     print(f"labels: {','.join(PARTIES)}")
+    if args.run:
+        run_methods(args.out, args.runs)
     return 0
+
+
+def run_methods(data: Path, runs: Path) -> list[dict]:
+    """The job on the CSV files for each of :data:`RUNS`; the public reports to :data:`RESULTS`."""
+    import json
+    import shutil
+
+    from zoprivacy.cli import main as cli
+
+    reports = []
+    for method, extra in RUNS:
+        out = runs / method
+        if out.exists():
+            shutil.rmtree(out)
+        argv = ["finetune", "--method", method, "--model", "minilm", "--train-file",
+                str(data / "train.csv"), "--test-file", str(data / "test.csv"), "--steps",
+                str(STEPS), "--max-length", "128", "--trainable", "classifier", "--seed", "0",
+                "--output", str(out), *extra]  # fmt: skip
+        if cli(argv) != 0:
+            raise SystemExit(f"the {method} run failed")
+        report = json.loads((out / "report.json").read_text())
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{method}.json").write_text(json.dumps(report, indent=2) + "\n")
+        reports.append(report)
+    for r in reports:
+        eps = r["epsilon_spent"]
+        print(
+            f"{r['method']:<8} test accuracy {r['test_accuracy_before']:.3f} -> "
+            f"{r['test_accuracy_after']:.3f}  ε = {'∞' if eps is None else f'{eps:.3f}'}"
+        )
+    return reports
 
 
 if __name__ == "__main__":

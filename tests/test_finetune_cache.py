@@ -48,16 +48,7 @@ def smollm2(rt_small):
 
 def _reselect(clf: finetune.Classifier, trainable: str) -> finetune.Classifier:
     """The same loaded SmolLM2 with another trainable selection (no second load)."""
-    return finetune.Classifier(
-        "smollm2",
-        clf.model,
-        clf.tokenizer,
-        trainable=trainable,
-        max_length=clf.max_length,
-        num_labels=clf.num_labels,
-        label_words=clf.label_words,
-        template=clf.template,
-    )
+    return finetune.Classifier(clf.loaded, trainable=trainable, max_length=clf.max_length)
 
 
 def _all_records(dataset) -> dict[str, torch.Tensor]:

@@ -425,36 +425,40 @@ def smollm2():
     return _packaged("smollm2", label_names=("negative", "positive"))
 
 
+def _historical_selection(model, kind: str, spec: str) -> list[str]:
+    """The job's selection before issue 15 (its Classifier._select, kept as the reference):
+    MiniLM classifier / head (+ pooler) / lastN / all; SmolLM2 head = final norm."""
+    parts = set(spec.split("+"))
+    last = max([int(p[4:]) for p in parts if p.startswith("last")] or [0])
+    chosen = [model] if "all" in parts else []
+    if kind == "minilm":
+        if "classifier" in parts:
+            chosen.append(model.classifier)
+        if "head" in parts:
+            chosen += [model.bert.pooler, model.classifier]
+        layers = model.bert.encoder.layer
+    else:
+        if "head" in parts:
+            chosen.append(model.model.norm)
+        layers = model.model.layers
+    chosen += list(layers[len(layers) - last :]) if last else []
+    wanted = {id(p) for module in chosen for p in module.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+
 @pytest.mark.parametrize("spec", ["classifier", "head", "last2", "head+last1", "all"])
 def test_minilm_selection_matches_the_jobs_historical_selection(minilm, spec):
-    from zoprivacy.finetune._setup import Classifier
-
     loaded = minilm
-    old = Classifier(
-        "minilm", loaded.model, loaded.tokenizer, trainable=spec, max_length=32, num_labels=2
-    )
-    reference = list(old.trainable_names)
+    reference = _historical_selection(loaded.model, "minilm", spec)
     assert select_trainable(loaded, spec).names == reference
 
 
 @pytest.mark.parametrize("spec", ["head", "head+last1"])
 def test_smollm2_preset_is_a_causal_lm_with_the_jobs_historical_selection(smollm2, spec):
-    from zoprivacy.finetune._setup import Classifier
-
     loaded = smollm2
     assert loaded.kind == "causal" and loaded.model_type == "llama"
     assert len(loaded.label_word_ids) == 2
-    old = Classifier(
-        "smollm2",
-        loaded.model,
-        loaded.tokenizer,
-        trainable=spec,
-        max_length=32,
-        num_labels=2,
-        label_words=loaded.label_words,
-        template=loaded.template,
-    )
-    reference = list(old.trainable_names)
+    reference = _historical_selection(loaded.model, "smollm2", spec)
     assert select_trainable(loaded, spec).names == reference
 
 

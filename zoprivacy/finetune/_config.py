@@ -14,8 +14,17 @@ from typing import Any
 
 from . import _outputs as out
 from ._methods import METHOD_DEFAULTS, METHODS, TRAINABLE_DEFAULTS, ZO_METHODS
-from ._options import ADDED_OPTIONS, BY_NAME, OPTIONS, RUN_OPTIONS, FinetuneConfig, flag
-from ._setup import MODELS, TASK_DEFAULTS, TASKS, SetupError, parse_trainable
+from ._options import (
+    ADDED_OPTIONS,
+    BY_NAME,
+    OPTIONS,
+    RUN_OPTIONS,
+    STEP_GROUP,
+    USER_GROUP,
+    FinetuneConfig,
+    flag,
+)
+from ._setup import MODELS, TASK_DEFAULTS, TASKS, SetupError
 from ._step_options import (
     parse_mask,
     parse_stages,
@@ -23,11 +32,22 @@ from ._step_options import (
     step_defaults,
     validate_step_options,
 )
+from .user_model import parse_trainable_spec, resolve_dtype
 
 #: Options given as text and parsed into their config.json form.
 _PARSERS = {"mask": parse_mask, "stages": parse_stages}
 #: The choices of the options that name something, by option.
-_CHOICES = {"method": METHODS, "model": MODELS, "task": TASKS}
+_CHOICES = {"method": METHODS, "task": TASKS}
+#: Defaults of a run on the user's files (--train-file).
+USER_DEFAULTS = {"max_length": 128, "text_column": "text", "label_column": "label"}
+#: The options that apply to the packaged tasks only.
+PACKAGED_ONLY = ("task", "train_per_class")
+#: The options that need --train-file.
+USER_DATA_ONLY = tuple(
+    o.name
+    for o in OPTIONS
+    if o.group == USER_GROUP and o.name not in ("model_kind", "prompt", "label_words")
+)
 
 
 def _need(ok: bool, message: str) -> None:
@@ -36,8 +56,15 @@ def _need(ok: bool, message: str) -> None:
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options the user gave explicitly (argparse defaults are all None), parsed."""
+    """The options the user gave explicitly (argparse defaults are all None), parsed; with
+    ``--config FILE`` the file's options first, the command line's overriding them."""
     given: dict[str, Any] = {}
+    path = getattr(args, "config", None)
+    if path:
+        from ._toml import read_config
+
+        given.update({k: _PARSERS[k](v) if k in _PARSERS else v
+                      for k, v in read_config(path).items()})  # fmt: skip
     for o in OPTIONS:
         value = getattr(args, o.dest, None)
         if o.switch:
@@ -77,7 +104,7 @@ def _saved_run(given: dict[str, Any]) -> dict[str, Any]:
     zeroth_order = saved.get("method") in ZO_METHODS
     for key in ADDED_OPTIONS:  # a run saved before these options existed
         if key not in saved:
-            applies = zeroth_order or BY_NAME[key].group is None
+            applies = zeroth_order or BY_NAME[key].group != STEP_GROUP
             saved[key] = copy.copy(BY_NAME[key].default) if applies else None
     if "stages" in given and zeroth_order:
         given["stages"] = resolve_stages(given["stages"], saved)  # the saved (resolved) form
@@ -94,10 +121,15 @@ def _defaults(given: dict[str, Any]) -> dict[str, Any]:
     """The run options of a new run: what was given, else the method's, model's, task's or the
     common default."""
     values = {k: given.get(k, BY_NAME[k].default) for k in RUN_OPTIONS}
+    _data_defaults(values, given)
     for key, choices in _CHOICES.items():
+        if values[key] is None:
+            continue
         name = str(values[key]).lower()
         _need(name in choices, f"unknown {key} {values[key]!r}; choose one of {', '.join(choices)}")
         values[key] = name
+    if str(values["model"]).lower() in MODELS:
+        values["model"] = str(values["model"]).lower()
     method = values["method"]
     if method == "dpzo":
         _need(given.get("directions", 1) == 1,
@@ -107,13 +139,57 @@ def _defaults(given: dict[str, Any]) -> dict[str, Any]:
         _need(method in methods, f"{flag(key)} does not apply to --method {method}: it is an "
               f"option of {', '.join(methods)}; drop it")  # fmt: skip
     _method_defaults(values)
-    task = TASK_DEFAULTS[values["task"]]
-    for key in ("max_length", "test_size"):
-        values[key] = task[key] if values[key] is None else values[key]
     if values["trainable"] is None:
-        values["trainable"] = TRAINABLE_DEFAULTS[values["model"]]
+        values["trainable"] = _default_trainable(values)
     step_defaults(values, given)
     return values
+
+
+def _data_defaults(values: dict[str, Any], given: dict[str, Any]) -> None:
+    """A packaged task's defaults, or those of the user's files (``--train-file``)."""
+    if values["train_file"] is None:
+        for key in USER_DATA_ONLY:
+            _need(key not in given, f"{flag(key)} needs --train-file (your data file)")
+        values["task"] = values["task"] or "bbc_news"
+        task = TASK_DEFAULTS.get(str(values["task"]).lower(), {})
+        for key in ("max_length", "test_size"):
+            values[key] = task.get(key) if values[key] is None else values[key]
+        if values["train_per_class"] is None:
+            values["train_per_class"] = 512
+        return
+    for key in PACKAGED_ONLY:
+        _need(key not in given, f"{flag(key)} is for the packaged data; drop it with --train-file")
+    for key, default in USER_DEFAULTS.items():
+        if values[key] is None:
+            values[key] = default
+    if values["target_column"] is not None:
+        values["label_column"] = None  # generation: no label column is read
+
+
+def _default_trainable(values: dict[str, Any]) -> str:
+    """The packaged preset's default, else by the model's kind (read from its config only)."""
+    model = values["model"]
+    if model in TRAINABLE_DEFAULTS and values["model_kind"] is None:
+        return TRAINABLE_DEFAULTS[model]
+    if values["target_column"] is not None:
+        return "lora"
+    kind = values["model_kind"]
+    if kind is None and model not in MODELS:
+        kind = _folder_kind(model)
+    return "classifier" if kind == "classifier" else "head"
+
+
+def _folder_kind(model: str) -> str | None:
+    """The kind of a model folder from its config (``None`` when unreadable: the load fails
+    later with the full message)."""
+    from .user_model import detect_kind
+
+    try:
+        from transformers import AutoConfig
+
+        return detect_kind(AutoConfig.from_pretrained(model, local_files_only=True))
+    except (OSError, ValueError):
+        return None
 
 
 def _method_defaults(values: dict[str, Any]) -> None:
@@ -137,7 +213,17 @@ def validate(cfg: FinetuneConfig) -> None:
     """Check every value before anything is loaded; one-line errors naming the flag."""
     for key, choices in _CHOICES.items():
         value = getattr(cfg, key)
+        if value is None and key == "task" and cfg.train_file is not None:
+            continue
         _need(value in choices, f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    resolve_dtype(cfg.dtype)
+    if cfg.model not in MODELS:
+        from .user_model import _folder
+
+        try:
+            _folder(cfg.model)
+        except SetupError as exc:
+            raise SetupError(f"unknown model {cfg.model!r}: {exc}") from None
     _need(
         math.isfinite(cfg.epsilon) and cfg.epsilon > 0, f"--epsilon must be > 0, got {cfg.epsilon}"
     )
@@ -159,8 +245,10 @@ def validate(cfg: FinetuneConfig) -> None:
                "validation_size": 0, "threads": 1, "checkpoint_every": 1}  # fmt: skip
     for key, least in minimum.items():
         value = getattr(cfg, key)
+        if value is None and key in ("train_per_class", "test_size"):
+            continue  # --train-file: no per-class cap; a --test-file: no carved test part
         _need(value >= least, f"{flag(key)} must be >= {least}, got {value}")
-    parse_trainable(cfg.trainable)
+    parse_trainable_spec(cfg.trainable)
     validate_step_options(cfg)
 
 

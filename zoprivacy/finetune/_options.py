@@ -28,6 +28,8 @@ from ._setup import MODELS, TASKS
 
 #: The argument group of the zeroth-order step options.
 STEP_GROUP = "zeroth-order step options (dpaggzo, dpzo, mezo)"
+#: The argument group of the options for the user's own model and data files.
+USER_GROUP = "your own model and data (--model FOLDER, --train-file)"
 
 _REQUIRED = object()  # a trainer setting without a fallback
 _NOT_TRAINER = object()  # not a trainer setting
@@ -105,8 +107,10 @@ _STEP: dict[str, Any] = {"group": STEP_GROUP, "methods": _ZO}
 OPTIONS: tuple[Option, ...] = (
     _O("method", f"{' | '.join(METHODS)} (default dpaggzo)", default="dpaggzo",
        trainer=_REQUIRED),
-    _O("model", f"{' | '.join(MODELS)} (default minilm)", default="minilm"),
-    _O("task", f"{' | '.join(TASKS)} (default bbc_news)", default="bbc_news"),
+    _O("model", f"{' | '.join(MODELS)} (packaged presets) or a local Hugging Face folder "
+       "(what save_pretrained writes; nothing is downloaded) (default minilm)", default="minilm"),
+    _O("task", f"packaged data: {' | '.join(TASKS)} (default bbc_news; replaced by "
+       "--train-file)"),
     _O("epsilon", "target ε > 0 of the private methods (default 2)", float, 2.0,
        trainer=_REQUIRED),
     _O("delta", "δ in (0, 1) (default 1e-5)", float, 1e-5, trainer=_REQUIRED),
@@ -122,17 +126,29 @@ OPTIONS: tuple[Option, ...] = (
     _O("perturbation_scale", "φ of the zeroth-order methods (default 1e-3)", float, 1e-3,
        trainer=_REQUIRED),
     _O("weight_decay", "decoupled weight decay (default 0)", float, 0.0, trainer=_REQUIRED),
-    _O("trainable", "what to train: classifier, head, lastN, all, joined with '+' (minilm "
-       "default classifier; smollm2 default head = final norm)"),
+    _O("trainable", "what to train: classifier, head, lastN, bias (the bias terms), all, "
+       "joined with '+', and last lora[:r=8,alpha=16,targets=q_proj+v_proj] (PEFT adapters) "
+       "(default: a classifier's head classifier; a causal LM's final norm head; lora for "
+       "--target-column)"),
     _O("threads", "torch CPU threads (default 1)", int, 1, saved=False),
     _O("seed", "public seed: split, head initialisation, directions (default 0)", int, 0,
        trainer=_REQUIRED),
-    _O("max_length", "tokens per record (rotten_tomatoes 64, bbc_news 128)", int),
-    _O("train_per_class", "training records per class (default 512)", int, 512),
-    _O("test_size", "held-out test records (rotten_tomatoes 1000, bbc_news 500)", int),
+    _O("max_length", "tokens per record (rotten_tomatoes 64, bbc_news 128, --train-file 128)",
+       int),
+    _O("train_per_class", "packaged tasks: training records per class (default 512)", int),
+    _O("test_size", "held-out test records (rotten_tomatoes 1000, bbc_news 500; with "
+       "--train-file and no --test-file: records carved from it by --seed, required)", int),
     _O("validation_size", "records carved from the training data (public seed) for model "
        "selection; the private run does not train on them and report.json gives their "
        "accuracy, which the privacy guarantee does not cover (default 0: none)", int, 0),
+    _O("dtype", "parameter dtype: float32 (default), bfloat16, float16 (the privacy "
+       "arithmetic stays float64 on the CPU)", default="float32",
+       argparse={"choices": ("float32", "bfloat16", "float16")}),
+    _O("device", "auto (default: CUDA when available), cpu, cuda or cuda:N; every tensor "
+       "follows the model's device", default="auto", saved=False),
+    _O("config", "read the options from a TOML file (keys as the flags, e.g. train-file = "
+       "\"x.csv\"); flags given on the command line override it; report.json records the "
+       "effective configuration", saved=False, argparse={"metavar": "FILE"}),
     _O("output", "output folder (default runs/<timestamp>)", saved=False,
        argparse={"metavar": "DIR"}),
     _O("resume", "continue the interrupted run in --output DIR", bool, False, saved=False,
@@ -147,6 +163,30 @@ OPTIONS: tuple[Option, ...] = (
        flag="--no-progress"),
     _O("show_private_diagnostics", PRIVATE_DIAGNOSTICS_HELP, bool, False, saved=False,
        switch=True),
+    _O("model_kind", "classifier or causal: what --model is (default: detected from its "
+       "config)", argparse={"choices": ("classifier", "causal")}, group=USER_GROUP),
+    _O("train_file", "your PRIVATE training data: a .csv, .jsonl or .parquet file (its record "
+       "count is released once with Laplace noise; nothing else about it is shown)",
+       group=USER_GROUP, argparse={"metavar": "PATH"}),
+    _O("test_file", "your PUBLIC test data, same format (default: --test-size records carved "
+       "from --train-file by --seed; their accuracy is then NOT covered by the guarantee)",
+       group=USER_GROUP, argparse={"metavar": "PATH"}),
+    _O("text_column", "the input text column (default text)", group=USER_GROUP),
+    _O("label_column", "the label column, strings or integers (default label)",
+       group=USER_GROUP),
+    _O("text_pair_column", "an optional second text column (NLI-style pairs)",
+       group=USER_GROUP),
+    _O("target_column", "a causal LM trained on completions: the target text column "
+       "(evaluation: test loss and exact match of greedy decoding)", group=USER_GROUP),
+    _O("labels", "the public, ordered label set, comma-separated (default: the labels of "
+       "--test-file; required without it). Never taken from the private training file",
+       group=USER_GROUP, argparse={"metavar": "A,B,..."}),
+    _O("prompt", "a causal LM's prompt with a {text} placeholder (default \"Text: {text}\\n"
+       "Label:\"; for --target-column the text itself)", group=USER_GROUP),
+    _O("label_words", "a causal LM's answer words, one single-token word per label, "
+       "comma-separated, in the labels' order; each is given one leading space (default: ' ' + "
+       "each label)", group=USER_GROUP,
+       argparse={"metavar": "W1,W2,..."}),
     _O("direction_distribution", "distribution of the directions z: gaussian (default, as in "
        "the paper) or rademacher (uniform ±1, cheaper to generate; both have E[zzᵀ] = I)",
        default="gaussian", trainer="gaussian", argparse={"choices": DIRECTION_KINDS}, **_STEP),
@@ -180,7 +220,12 @@ COMMON_DEFAULTS = {
 }
 #: Run options added after the first release: an older config.json gets the value a new run of
 #: its method would have.
-ADDED_OPTIONS = ("validation_size", *STEP_DEFAULTS)
+ADDED_OPTIONS = (
+    "validation_size",
+    "dtype",
+    *STEP_DEFAULTS,
+    *(o.name for o in OPTIONS if o.group == USER_GROUP),
+)
 
 
 def flag(name: str) -> str:

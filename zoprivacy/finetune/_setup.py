@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -180,128 +179,64 @@ def _packaged_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# trainable selection
-# ---------------------------------------------------------------------------------------------
-
-_PART = re.compile(r"^(classifier|head|all|last(\d+))$")
-
-
-def parse_trainable(spec: str) -> tuple[set[str], int]:
-    """``"head+last2"`` -> ({"head"}, 2); ``"all"`` -> ({"all"}, 0). Raises SetupError."""
-    parts: set[str] = set()
-    last = 0
-    for raw in str(spec).replace(",", "+").split("+"):
-        token = raw.strip().lower()
-        match = _PART.match(token)
-        if not match:
-            raise SetupError(
-                f"--trainable {spec!r}: unknown part {raw.strip()!r}; use classifier, head, "
-                "lastN (the last N transformer layers), all, joined with '+' (e.g. head+last2)"
-            )
-        if match.group(2) is not None:
-            n = int(match.group(2))
-            if n < 1:
-                raise SetupError(f"--trainable {spec!r}: lastN needs N >= 1")
-            last = max(last, n)
-        else:
-            parts.add(token)
-    return parts, last
-
-
-# ---------------------------------------------------------------------------------------------
 # the classifier wrapper
 # ---------------------------------------------------------------------------------------------
 
 
 class Classifier:
-    """A packaged model set up as a text classifier with a chosen set of trainable parameters.
+    """A loaded model (:class:`~zoprivacy.finetune.user_model.LoadedModel`) set up for the job.
+
+    One code path for every model: the packaged presets (``minilm``, ``smollm2``) and any
+    Hugging Face folder are loaded by :func:`~zoprivacy.finetune.user_model.load_model`, and the
+    trainable tensors chosen by :func:`~zoprivacy.finetune.user_model.select_trainable`.
 
     Attributes:
-        kind: ``"minilm"`` (sequence classification, fresh head) or ``"smollm2"`` (prompt-based
-            classification with label words).
-        model: the Hugging Face model (eval mode).
+        kind: ``"classifier"`` (sequence classification) or ``"causal"`` (prompt-based with
+            label words, or generation targets when :attr:`generation`).
+        generation: a causal LM trained on completions (``--target-column``): the per-record
+            loss is the target span's (:func:`zoprivacy.tasks.causal_lm_target_losses`).
+        model: the model to train (a ``peft.PeftModel`` with ``lora``), in eval mode.
         tokenizer: its tokenizer.
         trainable_names: names (``model.named_parameters()``) of the trainable tensors.
         max_length: token budget per record.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        trainable: str,
-        max_length: int,
-        num_labels: int,
-        label_words: Sequence[str] | None = None,
-        template: str | None = None,
-    ) -> None:
-        self.kind = kind
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, loaded: Any, *, trainable: str, max_length: int, seed: int = 0) -> None:
+        from .user_model import select_trainable
+
+        self.loaded = loaded
+        self.kind = loaded.kind
+        self.generation = loaded.kind == "causal" and loaded.label_names is None
+        self.tokenizer = loaded.tokenizer
         self.max_length = max_length
-        self.num_labels = num_labels
-        self.template = template
-        self.label_word_ids: list[int] | None = None
-        self.label_words = tuple(label_words or ())
-        if kind == "smollm2":
-            if label_words is None or template is None:
-                raise SetupError("a prompt-based classifier needs a template and label words")
-            try:
-                self.label_word_ids = tasks.label_token_ids(tokenizer, label_words)
-            except ValueError as exc:
-                raise SetupError(str(exc)) from None
+        self.label_names = tuple(loaded.label_names or ())
+        self.num_labels = len(self.label_names)
+        self.label_words = tuple(loaded.label_words or ())
+        self.label_word_ids = loaded.label_word_ids
+        self.template = loaded.template or ("{s}" if self.generation else None)
+        self.selection = select_trainable(loaded, trainable, seed=seed)
+        self.model = self.selection.model
         self.trainable_spec = trainable
-        self.trainable_names = self._select(trainable)
-        self.prefix = PrefixCache(model, layers=self.layers)  # the frozen layers' one cache
+        self.trainable_names = self.selection.names
+        self.device = next(self.model.parameters()).device
+        self.prefix = PrefixCache(self.base_model, layers=self.layers)  # the frozen layers' cache
         self._cache_from: int | None = None  # first trainable layer when caching
         self._cache: dict[str, torch.Tensor] | None = None
         self.cache_disabled_reason: str | None = None
 
     # -------------------------------------------------------------------- parameters
     @property
-    def layers(self) -> nn.ModuleList:
-        """The transformer layer stack (MiniLM's encoder layers, SmolLM2's decoder layers)."""
-        if self.kind == "minilm":
-            return self.model.bert.encoder.layer
-        return self.model.model.layers
+    def base_model(self) -> nn.Module:
+        """The transformers model (inside the PEFT wrapper with ``lora``)."""
+        get = getattr(self.model, "get_base_model", None)
+        return get() if callable(get) else self.model
 
-    def _select(self, spec: str) -> list[str]:
-        parts, last = parse_trainable(spec)
-        model = self.model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        chosen: list[nn.Module] = []
-        if "all" in parts:
-            chosen.append(model)
-        if self.kind == "minilm":
-            if "classifier" in parts:
-                chosen.append(model.classifier)
-            if "head" in parts:
-                if model.bert.pooler is not None:
-                    chosen.append(model.bert.pooler)
-                chosen.append(model.classifier)
-        else:
-            if "classifier" in parts:
-                raise SetupError(
-                    "--trainable classifier applies to minilm only (smollm2 answers with label "
-                    "words through its tied LM head); use head (the final norm), lastN or all"
-                )
-            if "head" in parts:
-                chosen.append(model.model.norm)
-        layers = self.layers
-        if last > len(layers):
-            raise SetupError(f"--trainable last{last}: the model has only {len(layers)} layers")
-        if last:
-            chosen.extend(layers[len(layers) - last :])
-        for module in chosen:
-            for p in module.parameters():
-                p.requires_grad_(True)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not names:
-            raise SetupError(f"--trainable {spec!r} selects no parameter")
-        return names
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layer stack (:func:`zoprivacy.tasks.prefix.find_layers`)."""
+        from zoprivacy.tasks.prefix import find_layers
+
+        return find_layers(self.base_model)[1]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -319,10 +254,31 @@ class Classifier:
         return sum(p.numel() for p in self.trainable_parameters())
 
     # -------------------------------------------------------------------- encoding
-    def encode(self, texts: Sequence[str], labels: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Dict of tensors, one row per record (padded to the longest)."""
-        if self.kind == "minilm":
-            return tasks.encode_classification(self.tokenizer, texts, labels, self.max_length)
+    def encode(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int] | None = None,
+        *,
+        pairs: Sequence[str] | None = None,
+        targets: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Dict of tensors, one row per record (padded to the longest), on the CPU.
+
+        ``pairs``: second texts (NLI-style): a classifier's tokenizer encodes the pair, a causal
+        LM's prompt gets ``text + "\\n" + pair``. ``targets``: the completions of a generation
+        task (``labels`` then holds the target tokens, -100 elsewhere).
+        """
+        if self.kind == "classifier":
+            if pairs is None:
+                return tasks.encode_classification(self.tokenizer, texts, labels, self.max_length)
+            return _encode_pairs(self.tokenizer, texts, pairs, labels, self.max_length)
+        if pairs is not None:
+            texts = [f"{t}\n{p}" for t, p in zip(texts, pairs, strict=True)]
+        if self.generation:
+            prompts = [self.template.format(s=t) for t in texts]
+            return tasks.encode_causal_lm(
+                self.tokenizer, prompts, list(targets or ()), max_length=self.max_length
+            )
         batch, _ = tasks.encode_prompts(
             self.tokenizer,
             texts,
@@ -332,6 +288,15 @@ class Classifier:
             max_length=self.max_length,
         )
         return batch
+
+    def encode_part(self, data: Any, part: str) -> dict[str, torch.Tensor]:
+        """Encode the ``part`` (``train``, ``validation``, ``test``) of a :class:`TaskData`."""
+        return self.encode(
+            getattr(data, f"{part}_texts"),
+            None if self.generation else getattr(data, f"{part}_labels"),
+            pairs=getattr(data, f"{part}_pairs", None),
+            targets=getattr(data, f"{part}_targets", None),
+        )
 
     # -------------------------------------------------------------------- cache
     @property
@@ -354,9 +319,12 @@ class Classifier:
         """Index of the first trainable layer when a frozen prefix can be cached, else ``None``.
 
         ``len(layers)`` means only the head above the layers is trainable. ``None`` when the
-        embeddings (for SmolLM2: the tied LM head) or the first layer are trainable: then
-        nothing would be skipped (:attr:`PrefixCache.enabled`).
+        embeddings (for a causal LM: the tied LM head) or the first layer are trainable, for
+        LoRA adapters (the PEFT wrapper runs the model) and for generation targets (the loss
+        reads every position).
         """
+        if self.selection.lora is not None or self.generation:
+            return None
         self.prefix.refresh()
         return self.prefix.first_trainable if self.prefix.enabled else None
 
@@ -366,8 +334,9 @@ class Classifier:
         first = self.cache_plan()
         if first is None:
             raise RuntimeError(
-                f"--trainable {self.trainable_spec!r} on {self.kind} leaves no frozen prefix to "
-                "cache (the embeddings are trainable); train fewer layers or pass --no-cache"
+                f"--trainable {self.trainable_spec!r} on this {self.kind} leaves no frozen "
+                "prefix to cache (the embeddings are trainable); train fewer layers or pass "
+                "--no-cache"
             )
         self._cache_from = first
         self._cache = self.prefix_features(encoded, batch_size=batch_size)
@@ -383,9 +352,10 @@ class Classifier:
 
         Returns:
             One row per record, in the order of ``encoded`` (see the module docstring): with
-            only the head trainable ``{"hidden": [N, H]}``, the vector the head reads; else
-            ``{"hidden": [N, L, H], "input_ids", "attention_mask", ...}``. Feed slices of it
-            (with ``labels``) to :meth:`suffix_logits` / :meth:`losses`.
+            only the head trainable and a head this module knows (:meth:`_head_shortcut`)
+            ``{"hidden": [N, H]}``, the vector the head reads; else ``{"hidden": [N, L, H],
+            "input_ids", "attention_mask", ...}``. Feed slices of it (with ``labels``) to
+            :meth:`suffix_logits` / :meth:`losses`.
 
         Raises:
             RuntimeError: this trainable selection has no frozen prefix (:meth:`cache_plan`).
@@ -393,25 +363,49 @@ class Classifier:
         first = self._cache_from if self._cache_from is not None else self.cache_plan()
         if first is None:
             raise RuntimeError(
-                f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
+                f"--trainable {self.trainable_spec!r} on this {self.kind} has no frozen prefix"
             )
-        select = self._head_input if first == len(self.layers) else None
+        select = self._head_input if self._head_only(first) else None
         return self.prefix.features(self.full_logits, encoded, batch_size=batch_size, select=select)
+
+    def _head_only(self, first: int) -> bool:
+        return first == len(self.layers) and self._head_shortcut()
+
+    def _head_shortcut(self) -> bool:
+        """Whether only-the-head training can cache the one vector the head reads: a BERT-style
+        classifier (``dropout`` + ``classifier`` Linear on the first token or the pooler) or a
+        Llama-style causal LM (``model.norm`` then the LM head). Other models cache the whole
+        last hidden states and run their own head from them."""
+        net = self.base_model
+        if self.kind == "causal":
+            return isinstance(getattr(getattr(net, "model", None), "norm", None), nn.Module)
+        base = getattr(net, getattr(net, "base_model_prefix", ""), None)
+        return (
+            isinstance(getattr(net, "classifier", None), nn.Linear)
+            and isinstance(getattr(net, "dropout", None), nn.Module)
+            and base is not None
+            and hasattr(base, "pooler")
+        )
+
+    def _pooler(self) -> nn.Module | None:
+        net = self.base_model
+        return getattr(getattr(net, net.base_model_prefix, None), "pooler", None)
 
     def _head_input(self, hidden: torch.Tensor, block: Mapping[str, Any]) -> torch.Tensor:
         """What the head reads of the last layer's output ``hidden`` (only the head trains):
-        MiniLM the first token's state (pooled when the pooler is frozen), SmolLM2 the answer
-        position's state (before the final norm)."""
-        if self.kind == "smollm2":
+        a classifier the first token's state (pooled when the pooler is frozen), a causal LM
+        the answer position's state (before the final norm)."""
+        if self.kind == "causal":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, tasks.answer_positions(block["attention_mask"])]
+            mask = block["attention_mask"].to(hidden.device)
+            return hidden[rows, tasks.answer_positions(mask)]
         first_token = hidden[:, 0]
-        if self.model.bert.pooler is not None and self._pooler_frozen():
-            return self.model.bert.pooler(first_token.unsqueeze(1))
+        if self._pooler() is not None and self._pooler_frozen():
+            return self._pooler()(first_token.unsqueeze(1))
         return first_token
 
     def _pooler_frozen(self) -> bool:
-        pooler = self.model.bert.pooler
+        pooler = self._pooler()
         return pooler is None or not any(p.requires_grad for p in pooler.parameters())
 
     def cached_dataset(self, labels: torch.Tensor) -> tasks.TensorDictDataset:
@@ -424,7 +418,8 @@ class Classifier:
         """Check on ``encoded`` (public records) that the cached path gives the model's logits.
 
         Returns False (and drops the cache, with a warning) when it does not, e.g. after a
-        transformers change; training then runs the full model.
+        transformers change or for a model family whose head this module does not know;
+        training then runs the full model.
         """
         if self._cache is None or self._cache_from is None:
             return False
@@ -454,41 +449,39 @@ class Classifier:
     def suffix_logits(self, features: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` from prefix features (:meth:`prefix_features` rows).
 
-        Runs only the trainable top: with only the head trainable, the head on the cached
-        vectors (:meth:`head_logits`); else the model from the cached hidden states
+        Runs only the trainable top: with the head shortcut, the head on the cached vectors
+        (:meth:`head_logits`); else the model from the cached hidden states
         (:meth:`PrefixCache.run_from`: the trainable layers, then the head). With autograd when
         called outside ``inference_mode``.
         """
-        first = self._cache_from if self._cache_from is not None else self.prefix.first_trainable
         if not self.prefix.enabled:
             raise RuntimeError(
-                f"--trainable {self.trainable_spec!r} on {self.kind} has no frozen prefix"
+                f"--trainable {self.trainable_spec!r} on this {self.kind} has no frozen prefix"
             )
-        hidden = features["hidden"].to(next(self.model.parameters()).device)
-        if first == len(self.layers):
+        hidden = features["hidden"].to(self.device)
+        if hidden.dim() == 2:
             return self.head_logits(hidden)
         inputs = {k: v for k, v in features.items() if k not in ("hidden", "labels")}
         return self.prefix.run_from(hidden, self.full_logits, inputs)
 
     def head_logits(self, head_input: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, C]`` of the head alone, from the vectors it reads
-        (:meth:`prefix_features` when only the head is trainable): MiniLM the pooler (unless
-        frozen, and then cached) and classifier; SmolLM2 the final norm and the label-word rows
-        of the tied LM head."""
-        model = self.model
-        if self.kind == "smollm2":
+        (:meth:`prefix_features` when only the head is trainable): a classifier's pooler
+        (unless frozen, and then cached) and classifier; a causal LM's final norm and the
+        label-word rows of its LM head."""
+        model = self.base_model
+        if self.kind == "causal":
             answer = model.model.norm(head_input)
             rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=answer.device)
             return tasks.lm_head_logits(model, answer, rows)
-        pooler = model.bert.pooler
         if not self._pooler_frozen():
-            head_input = pooler(head_input[:, None])
+            head_input = self._pooler()(head_input[:, None])
         return model.classifier(model.dropout(head_input))
 
     def full_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Class logits ``[B, C]`` of encoded records through the whole model (no cache)."""
-        if self.kind == "minilm":
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.kind == "classifier":
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
             return self.model(**inputs).logits
         answer = tasks.answer_hidden_states(self.model, batch)
         rows = torch.as_tensor(self.label_word_ids, dtype=torch.long, device=answer.device)
@@ -501,9 +494,12 @@ class Classifier:
         return self.full_logits(batch)
 
     def losses(self, batch: Any) -> torch.Tensor:
-        """Per-record cross-entropy ``[B]`` without autograd (the zeroth-order closure)."""
+        """Per-record losses ``[B]`` without autograd (the zeroth-order closure): the
+        cross-entropy of the class, or the target span's mean token loss (generation)."""
+        if self.generation:
+            return tasks.causal_lm_target_losses(self.model, batch)
         if is_empty_batch(batch) or "hidden" not in batch:
-            if self.kind == "minilm":
+            if self.kind == "classifier":
                 return tasks.sequence_classification_losses(self.model, batch)
             return tasks.prompt_classification_losses(
                 self.model, batch, label_token_ids=self.label_word_ids
@@ -516,9 +512,32 @@ class Classifier:
 
         return tasks.per_record_losses(self.model, batch, compute)
 
+    def output_losses(self, output: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-record losses ``[B]`` (float32, with autograd) from :meth:`grad_module`'s output:
+        the class cross-entropy of logits, or the generation losses themselves."""
+        if self.generation:
+            return output.float()
+        labels = batch["labels"].to(output.device).long()
+        return F.cross_entropy(output.float(), labels, reduction="none")
+
     def grad_module(self) -> nn.Module:
-        """An ``nn.Module`` whose forward(batch dict) gives logits (for Opacus / AdamW)."""
+        """An ``nn.Module`` whose forward(batch dict) gives logits (for Opacus / AdamW); for a
+        generation target, the per-record target losses."""
         return _LogitsModule(self)
+
+    def evaluate(
+        self,
+        encoded: Mapping[str, torch.Tensor],
+        *,
+        features: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """The evaluation metrics: ``{"accuracy"}``, or for generation ``{"loss",
+        "exact_match"}`` (:mod:`zoprivacy.finetune._generation`)."""
+        if self.generation:
+            from ._generation import evaluate_generation
+
+            return evaluate_generation(self, encoded)
+        return {"accuracy": self.accuracy(encoded, features=features)}
 
     @torch.no_grad()
     def accuracy(
@@ -564,6 +583,27 @@ class Classifier:
         return correct / n if n else math.nan
 
 
+def _encode_pairs(
+    tokenizer: Any,
+    texts: Sequence[str],
+    pairs: Sequence[str],
+    labels: Sequence[int] | None,
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Text pairs (NLI-style) for a sequence classifier: the tokenizer's own pair encoding."""
+    enc = tokenizer(
+        list(texts),
+        list(pairs),
+        truncation=True,
+        max_length=max_length,
+        padding="longest",
+        return_tensors="pt",
+    )
+    batch = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    batch["labels"] = torch.as_tensor(list(labels or ()), dtype=torch.long)
+    return batch
+
+
 class _LogitsModule(nn.Module):
     """Wraps :meth:`Classifier.logits` as a module (its parameters are the model's)."""
 
@@ -573,45 +613,49 @@ class _LogitsModule(nn.Module):
         self._classifier = [classifier]  # a list, so it is not registered as a submodule
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return self._classifier[0].logits(batch)
+        classifier = self._classifier[0]
+        if classifier.generation:
+            from ._generation import target_losses_with_grad
+
+            return target_losses_with_grad(classifier.model, batch)
+        return classifier.logits(batch)
 
 
-def load_classifier(
-    model: str, task: TaskData, *, trainable: str, max_length: int, seed: int
-) -> Classifier:
-    """Load the packaged ``model`` for ``task`` with the ``trainable`` selection."""
-    if model not in MODELS:
-        raise SetupError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    parse_trainable(trainable)  # fail on a bad spec before the slow load
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        if model == "minilm":
-            net, tok = _packaged_call(packaged.load_minilm_classifier, task.num_labels, seed=seed)
-            return Classifier(
-                "minilm",
-                net,
-                tok,
-                trainable=trainable,
-                max_length=max_length,
-                num_labels=task.num_labels,
-            )
-        net, tok = _packaged_call(packaged.load_smollm2)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+def packaged_prompt(model: str, task: TaskData) -> tuple[str | None, tuple[str, ...] | None]:
+    """The causal preset's prompt (``{text}``) and label words on a packaged task."""
+    if model != "smollm2" or task.name not in PROMPT_TEMPLATES:
+        return None, None
     template, words = PROMPT_TEMPLATES[task.name]
     if words is None:
         words = tuple(" " + name for name in task.label_names)
-    return Classifier(
-        "smollm2",
-        net,
-        tok,
-        trainable=trainable,
-        max_length=max_length,
-        num_labels=task.num_labels,
-        label_words=words,
-        template=template,
-    )
+    return template.replace("{s}", "{text}"), words
+
+
+def load_classifier(
+    model: str,
+    task: TaskData,
+    *,
+    trainable: str,
+    max_length: int,
+    seed: int,
+    **options: Any,
+) -> Classifier:
+    """Load ``model`` (a packaged name or a Hugging Face folder) for ``task`` with the
+    ``trainable`` selection.
+
+    ``options``: :func:`~zoprivacy.finetune.user_model.load_model`'s ``kind``, ``dtype``,
+    ``device``, ``prompt``, ``label_words`` (the packaged causal preset's prompt and label words
+    on a packaged task by default).
+    """
+    from .user_model import load_model, parse_trainable_spec
+
+    parse_trainable_spec(trainable)  # fail on a bad spec before the slow load
+    prompt, words = packaged_prompt(model, task)
+    if options.get("prompt") is None:
+        options["prompt"] = prompt
+    if options.get("label_words") is None:
+        options["label_words"] = words
+    generation = getattr(task, "is_generation", False)
+    names = None if generation else task.label_names
+    loaded = load_model(model, label_names=names, seed=seed, **options)
+    return Classifier(loaded, trainable=trainable, max_length=max_length, seed=seed)

@@ -389,8 +389,11 @@ class FirstOrderTrainer(_Trainer):
         return diag
 
     def _forward_losses(self, batch: Any) -> torch.Tensor:
-        logits = self.net(batch)
-        return F.cross_entropy(logits.float(), batch["labels"].long(), reduction="none")
+        output = self.net(batch)
+        losses = getattr(self.classifier, "output_losses", None)  # Classifier: on its device
+        if losses is not None:
+            return losses(output, batch)
+        return F.cross_entropy(output.float(), batch["labels"].long(), reduction="none")
 
     def _plain_step(self, batch: Any) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
