@@ -22,7 +22,6 @@ from zoprivacy.audit import (
     AuditResult,
     audit_dpadamw,
     audit_make_private,
-    audit_resume,
     gaussian_epsilon,
     run_audit,
     subsampled_gaussian_epsilon,
@@ -477,7 +476,7 @@ def test_make_private_loop_with_too_little_noise_is_flagged():
     result = audit_make_private(
         num_directions=4,
         target_epsilon=1.0,
-        trials=40,
+        trials=60,
         delta=DELTA,
         steps=1,
         seed=8,
@@ -490,7 +489,7 @@ def test_make_private_loop_with_too_little_noise_is_flagged():
 def test_journal_replayed_resume_stays_below_its_accountant():
     """Killed after step 0 and resumed twice from the checkpoint taken before it: both resumes
     replay step 0 from the journal, so the attacker's three views of step 0 are one release."""
-    result = audit_resume(
+    result = audit_make_private(
         num_directions=4,
         target_epsilon=1.0,
         trials=30,
@@ -504,7 +503,7 @@ def test_journal_replayed_resume_stays_below_its_accountant():
 
 
 def test_resume_that_restores_too_little_noise_is_flagged():
-    result = audit_resume(
+    result = audit_make_private(
         num_directions=4,
         target_epsilon=1.0,
         trials=60,
@@ -524,7 +523,7 @@ def test_resume_without_journal_releases_again_and_is_flagged():
     """journal=False (the opt-out) on a run killed after step 0 and resumed 14 times: step 0 is
     released 15 times and charged once. The family bound sees the effective noise multiplier
     far below the calibrated σ, and its ε above the claim."""
-    result = audit_resume(
+    result = audit_make_private(
         num_directions=2,
         target_epsilon=1.0,
         trials=100,
@@ -553,6 +552,6 @@ def test_dpadamw_with_too_little_noise_is_flagged():
         return trainer
 
     result = audit_dpadamw(
-        target_epsilon=1.0, trials=40, delta=DELTA, make_trainer=quiet, attacks=GAUSSIAN
+        target_epsilon=1.0, trials=60, delta=DELTA, make_trainer=quiet, attacks=GAUSSIAN
     )
     assert result.violation, result.summary()

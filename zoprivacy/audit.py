@@ -137,7 +137,6 @@ __all__ = [
     "AuditResult",
     "audit_dpadamw",
     "audit_make_private",
-    "audit_resume",
     "clopper_pearson",
     "epsilon_from_rates",
     "gaussian_delta",
@@ -400,10 +399,9 @@ class _TrialData:
     seconds: float
 
 
-def _play(
-    target: Any, *, path: str, k: int, c: float, steps: int, trials: int, attacks, confidence
-) -> _TrialData:
-    """``trials`` runs of ``target`` on D0 and on D1 each, and their statistics."""
+def _play(target: Any, s: _Settings, path: str, attacks) -> _TrialData:
+    """``s.trials`` runs of ``target`` on D0 and on D1 each, and their statistics."""
+    k, c, steps, trials, confidence = s.k, s.c, s.steps, s.trials, s.confidence
     start = time.perf_counter()
     views: tuple[list, list] = ([], [])
     with warnings.catch_warnings():
@@ -453,28 +451,20 @@ class _Settings:
     seed: int
 
 
-def _settings(
-    *,
-    num_directions,
-    steps,
-    trials,
-    background_records,
-    clip_norm,
-    sample_rate,
-    delta,
-    confidence,
-    seed,
-    min_background=0,
-) -> _Settings:
+def _settings(args: Mapping[str, Any], *, min_background: int = 0) -> _Settings:
+    """The shared arguments of an entry point (its ``locals()``), checked."""
+    seed = args.get("seed")
     return _Settings(
-        k=check.integer("num_directions", num_directions, minimum=1),
-        steps=check.integer("steps", steps, minimum=1),
-        trials=check.integer("trials", trials, minimum=20),
-        background=check.integer("background_records", background_records, minimum=min_background),
-        c=check.real("clip_norm", clip_norm, positive=True),
-        q=check.sample_rate(sample_rate),
-        delta=check.delta(delta),
-        confidence=_confidence(confidence),
+        k=check.integer("num_directions", args.get("num_directions", 4), minimum=1),
+        steps=check.integer("steps", args["steps"], minimum=1),
+        trials=check.integer("trials", args["trials"], minimum=20),
+        background=check.integer(
+            "background_records", args["background_records"], minimum=min_background
+        ),
+        c=check.real("clip_norm", args["clip_norm"], positive=True),
+        q=check.sample_rate(args.get("sample_rate", 1.0)),
+        delta=check.delta(args["delta"]),
+        confidence=_confidence(args["confidence"]),
         seed=draw_public_seed() if seed is None else check.integer("seed", seed, minimum=0),
     )
 
@@ -484,17 +474,7 @@ def _audit(target_for, s: _Settings, path: str, attacks) -> AuditResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         target = target_for(s)
-    data = _play(
-        target,
-        path=path,
-        k=s.k,
-        c=s.c,
-        steps=s.steps,
-        trials=s.trials,
-        attacks=attacks,
-        confidence=s.confidence,
-    )
-    return _analyse(data, s.delta)
+    return _analyse(_play(target, s, path, attacks), s.delta)
 
 
 def _canary(s: _Settings, kind: str = "gaussian") -> Canary:
@@ -541,17 +521,7 @@ def run_audit(
         attacks: names of the statistics to use (default: all, see the module docstring).
         confidence: confidence of the intervals and of the bound (default 0.95).
     """
-    s = _settings(
-        num_directions=num_directions,
-        steps=steps,
-        trials=trials,
-        background_records=background_records,
-        clip_norm=clip_norm,
-        sample_rate=sample_rate,
-        delta=delta,
-        confidence=confidence,
-        seed=seed,
-    )
+    s = _settings(locals())
     sigma = check.real("noise_multiplier", noise_multiplier, positive=True)
     kwargs = dict(optimizer_kwargs or {})
 
@@ -583,79 +553,49 @@ def audit_make_private(
     clip_norm: float = 1.0,
     background_records: int = 1,
     size_fraction: float = 0.05,
+    restarts: int = 0,
+    journal: bool = True,
     seed: int | None = None,
     make_private: Callable[..., Any] | None = None,
     attacks: tuple[str, ...] | None = None,
     confidence: float = 0.95,
 ) -> AuditResult:
-    """Audit :func:`zoprivacy.make_private`'s loop with a canary (``path="make_private"``).
+    """Audit :func:`zoprivacy.make_private`'s loop with a canary, and its crash recovery.
 
     Each trial calls ``make_private`` on D0 or D1 (records 0.0 and the canary 1.0; the size ñ is
     released with ``size_fraction`` of ε) with budget (``target_epsilon``, δ) at ``sample_rate``
     and runs its Poisson loader to the end with ``optimizer.step``
-    (:class:`~zoprivacy.audit_targets.MakePrivateTarget`). The claim is the run's own
-    accountant's ε at δ (size release included); σ is make_private's calibrated one.
-    ``make_private``: the function to call (default: the library's; a wrapper planting a
-    fault, in tests). Other arguments as in :func:`run_audit`; D0 needs a record
-    (``background_records`` ≥ 1)."""
-    s = _settings(
-        num_directions=num_directions,
-        steps=steps,
-        trials=trials,
-        background_records=background_records,
-        clip_norm=clip_norm,
-        sample_rate=sample_rate,
-        delta=delta,
-        confidence=confidence,
-        seed=seed,
-        min_background=1,
-    )
-    options = _run_options(target_epsilon, s, size_fraction, make_private)
-    return _audit(lambda s: MakePrivateTarget(_canary(s), **options), s, "make_private", attacks)
+    (:class:`~zoprivacy.audit_targets.MakePrivateTarget`; ``path="make_private"``). The claim is
+    the run's own accountant's ε at δ (size release included); σ is make_private's calibrated
+    one.
 
-
-def audit_resume(
-    *,
-    num_directions: int,
-    target_epsilon: float,
-    trials: int,
-    delta: float,
-    restarts: int = 1,
-    journal: bool = True,
-    sample_rate: float = 1.0,
-    steps: int = 2,
-    clip_norm: float = 1.0,
-    background_records: int = 1,
-    size_fraction: float = 0.05,
-    seed: int | None = None,
-    make_private: Callable[..., Any] | None = None,
-    attacks: tuple[str, ...] | None = None,
-    confidence: float = 0.95,
-) -> AuditResult:
-    """Audit a crashed and resumed :func:`zoprivacy.make_private` run (``path="resume"``).
-
-    As :func:`audit_make_private`, but each run is checkpointed before its first step, killed
-    after step 0 and resumed from the checkpoint ``restarts`` times (the last resume finishes
-    the run; :class:`~zoprivacy.audit_targets.ResumeTarget`). The attacker sees every
+    With ``restarts`` ≥ 1 (``path="resume"``), each run is checkpointed before its first step,
+    killed after step 0 and resumed from the checkpoint ``restarts`` times, the last resume
+    finishing the run (:class:`~zoprivacy.audit_targets.ResumeTarget`). The attacker sees every
     publication of every process: the releases and updates of the steps each one ran, and the
     model of a resume that replayed step 0 from the journal. ``journal=True`` uses
     make_private's default crash safety (step 0 is replayed, never released again);
     ``journal=False`` passes the opt-out, so every restart releases step 0 again. The claim is
-    the final process's accountant."""
-    s = _settings(
-        num_directions=num_directions,
-        steps=steps,
-        trials=trials,
-        background_records=background_records,
-        clip_norm=clip_norm,
-        sample_rate=sample_rate,
-        delta=delta,
-        confidence=confidence,
-        seed=seed,
-        min_background=1,
+    the final process's accountant.
+
+    ``make_private``: the function to call (default: the library's; a wrapper planting a fault,
+    in tests). Other arguments as in :func:`run_audit`; D0 needs a record
+    (``background_records`` ≥ 1)."""
+    s = _settings(locals(), min_background=1)
+    options = dict(
+        epsilon=check.epsilon(target_epsilon, "target_epsilon"),
+        delta=s.delta,
+        q=s.q,
+        steps=s.steps,
+        background=s.background,
+        size_fraction=check.size_fraction(size_fraction),
+        make_private=make_private,
     )
-    options = _run_options(target_epsilon, s, size_fraction, make_private)
-    options.update(restarts=check.integer("restarts", restarts, minimum=1), journal=bool(journal))
+    if check.integer("restarts", restarts, minimum=0) == 0:
+        return _audit(
+            lambda s: MakePrivateTarget(_canary(s), **options), s, "make_private", attacks
+        )
+    options.update(restarts=restarts, journal=bool(journal))
     return _audit(lambda s: ResumeTarget(_canary(s), **options), s, "resume", attacks)
 
 
@@ -680,18 +620,7 @@ def audit_dpadamw(
     would otherwise differ between trials). The release is the noisy gradient (K = 4); the
     claim is the trainer's accountant. ``make_trainer``: the function to call (default:
     :func:`zoprivacy.finetune.make_trainer`; a wrapper planting a fault, in tests)."""
-    s = _settings(
-        num_directions=4,
-        steps=steps,
-        trials=trials,
-        background_records=background_records,
-        clip_norm=clip_norm,
-        sample_rate=1.0,
-        delta=delta,
-        confidence=confidence,
-        seed=0,
-        min_background=1,
-    )
+    s = _settings(locals(), min_background=1)
     epsilon = check.epsilon(target_epsilon, "target_epsilon")
 
     def target(s: _Settings) -> AdamWTarget:
@@ -709,18 +638,6 @@ def audit_dpadamw(
 
 
 _Q1_BATCH_SIZE = 1e12  # above any ñ: q = min(1, b/ñ) = 1
-
-
-def _run_options(epsilon, s: _Settings, size_fraction, make_private) -> dict[str, Any]:
-    return dict(
-        epsilon=check.epsilon(epsilon, "target_epsilon"),
-        delta=s.delta,
-        q=s.q,
-        steps=s.steps,
-        background=s.background,
-        size_fraction=check.size_fraction(size_fraction),
-        make_private=make_private,
-    )
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -743,15 +660,7 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         by_attack[name] = _evaluate(one, {name: ev0[name]}, {name: ev1[name]}, delta, conf)["value"]
     sigma, q, t_steps = data.noise_multiplier, data.sample_rate, data.steps
     tight, reference = _tight_epsilon(q, sigma, t_steps, delta)
-    if q >= 1.0:  # T Gaussian steps are one Gaussian with μ = √T/σ: σ' = √T/μ
-        noise_upper = _reciprocal(mu_lower) * math.sqrt(t_steps)
-        epsilon_family: float | None = gaussian_epsilon(mu_lower, delta)
-    elif t_steps == 1:
-        family_test = _select(sel0, sel1, delta, conf, gdp=True, q=q)
-        noise_upper = _reciprocal(_evaluate(family_test, ev0, ev1, delta, conf)["value"])
-        epsilon_family = subsampled_gaussian_epsilon(q, noise_upper, delta)
-    else:  # the T-fold composed trade-off curve has no closed form to invert
-        noise_upper, epsilon_family = None, None
+    noise_upper, epsilon_family = _family_bound(data, (sel0, sel1), (ev0, ev1), mu_lower, delta)
     y0, y1 = data.y0, data.y1
     return AuditResult(
         path=data.path,
@@ -787,6 +696,21 @@ def _analyse(data: _TrialData, delta: float) -> AuditResult:
         seconds=data.seconds,
         _data=data,
     )
+
+
+def _family_bound(
+    data: _TrialData, selection, evaluation, mu_lower: float, delta: float
+) -> tuple[float | None, float | None]:
+    """σ̂, the 95% upper bound on the noise multiplier of the rate-q subsampled-Gaussian family,
+    and the tight ε at δ of that family member (see the module docstring)."""
+    q, t_steps, conf = data.sample_rate, data.steps, data.confidence
+    if q >= 1.0:  # T Gaussian steps are one Gaussian with μ = √T/σ: σ' = √T/μ
+        return _reciprocal(mu_lower) * math.sqrt(t_steps), gaussian_epsilon(mu_lower, delta)
+    if t_steps > 1:  # the T-fold composed trade-off curve has no closed form to invert
+        return None, None
+    family_test = _select(*selection, delta, conf, gdp=True, q=q)
+    noise_upper = _reciprocal(_evaluate(family_test, *evaluation, delta, conf)["value"])
+    return noise_upper, subsampled_gaussian_epsilon(q, noise_upper, delta)
 
 
 def _claimed(state: dict[str, Any], delta: float) -> float:
