@@ -1,5 +1,8 @@
 """Privacy invariants of DP-AggZO (DESIGN.md): sensitivity c, noise σc, normalisation by b,
-empty batches, independence of the noise from the public direction seed, accountant hook."""
+empty batches, independence of the noise from the public direction seed, accountant hook.
+
+The release tests run for every direction kind: the directions are public, so the released
+K-vector, its clipping and its noise must be the same mechanism whatever their distribution."""
 
 from __future__ import annotations
 
@@ -24,6 +27,26 @@ pytestmark = [
 
 D = 5
 
+KINDS = {
+    "gaussian": {},
+    "rademacher": {"directions": "rademacher"},
+    "lowrank": {"directions": "lowrank", "direction_rank": 2, "direction_refresh": 2},
+}
+"""The direction options of each kind; a low-rank θ is a D × 3 matrix (its first column is read
+by the losses), so that its directions are really low-rank products."""
+
+
+def _param(values, kind):
+    """θ as a Parameter: the vector ``values``, or (lowrank) a D × 3 matrix with it as column 0."""
+    if kind == "lowrank":
+        return torch.nn.Parameter(values.reshape(-1, 1).repeat(1, 3).clone())
+    return torch.nn.Parameter(values.clone())
+
+
+def _vec(theta):
+    """The D values the losses read: θ itself, or the first column of a matrix θ."""
+    return theta.reshape(theta.shape[0], -1)[:, 0]
+
 
 def _opt(theta, *, K, c=1.0, sigma=1.0, b=4.0, seed=7, noise_seed=None, lr=0.1, **kw):
     return DPAggZO(
@@ -45,7 +68,7 @@ def _adversarial_closure(theta, records):
     coef = torch.tensor([r[1:] for r in records], dtype=torch.float64).reshape(-1, 3)
 
     def closure():
-        u = ws @ theta
+        u = ws @ _vec(theta)
         return coef[:, 0] * torch.tanh(u) + coef[:, 1] * u**2 + coef[:, 2] * torch.sin(3 * u)
 
     return closure
@@ -66,23 +89,25 @@ _record = st.tuples(
     records=st.lists(_record, min_size=1, max_size=5),
     c=st.sampled_from([1e-3, 0.5, 4.0]),
     drop=st.integers(0, 4),
+    kind=st.sampled_from(sorted(KINDS)),
 )
-def test_one_record_moves_S_by_at_most_c(K, records, c, drop):
+def test_one_record_moves_S_by_at_most_c(K, records, c, drop, kind):
     """Neighbouring batches (one record removed), identical directions and identical seeded
     noise: ‖S − S'‖ ≤ c(1 + 1e-12) whatever the losses and K."""
     drop = drop % len(records)
     theta0 = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sums = []
     for batch in (records, records[:drop] + records[drop + 1 :]):
-        theta = torch.nn.Parameter(theta0.clone())
-        opt = _opt(theta, K=K, c=c, sigma=0.7, noise_seed=99)
+        theta = _param(theta0, kind)
+        opt = _opt(theta, K=K, c=c, sigma=0.7, noise_seed=99, **KINDS[kind])
         closure = _adversarial_closure(theta, batch) if batch else (lambda: torch.zeros(0))
         sums.append(opt.step(closure).noisy_sum)
     assert float(torch.linalg.vector_norm(sums[0] - sums[1])) <= c * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("K", [1, 8, 64])
-def test_sensitivity_bound_is_attained_by_a_huge_record(K):
+def test_sensitivity_bound_is_attained_by_a_huge_record(K, kind):
     """A record with a huge loss is clipped to exactly norm c in all K coordinates together
     (per-coordinate clipping would give up to c√K)."""
     theta0 = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -90,18 +115,22 @@ def test_sensitivity_bound_is_attained_by_a_huge_record(K):
     huge = ([1.0, -2.0, 0.5, 1.5, -1.0], 1e100, 1e90, -1e100)
     sums = []
     for batch in ([small, huge], [small]):
-        theta = torch.nn.Parameter(theta0.clone())
-        opt = _opt(theta, K=K, c=0.25, sigma=2.0, noise_seed=5)
-        sums.append(opt.step(_adversarial_closure(theta, batch)).noisy_sum)
+        theta = _param(theta0, kind)
+        opt = _opt(theta, K=K, c=0.25, sigma=2.0, noise_seed=5, **KINDS[kind])
+        stats = opt.step(_adversarial_closure(theta, batch))
+        assert stats.noisy_sum.shape == (K,) and stats.noisy_sum.dtype == torch.float64
+        assert stats.noise_std == 0.5 and stats.normalizer == 4.0 and stats.directions == kind
+        sums.append(stats.noisy_sum)
     assert float(torch.linalg.vector_norm(sums[0] - sums[1])) == pytest.approx(0.25, rel=1e-12)
 
 
-def test_noise_std_is_sigma_c_per_coordinate():
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_noise_std_is_sigma_c_per_coordinate(kind):
     """Zero losses, OS-entropy noise: S = v. n = 100·64 draws; Σv²/(σc)² ~ χ²_n (two-sided
     p > 1e-6) and |mean| < 5 standard errors. A wrong scale (e.g. σ instead of σc, or /K) fails."""
     sigma, c, K, steps = 1.5, 0.4, 64, 100
-    theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    opt = _opt(theta, K=K, c=c, sigma=sigma)
+    theta = _param(torch.zeros(3, dtype=torch.float64), kind)
+    opt = _opt(theta, K=K, c=c, sigma=sigma, **KINDS[kind])
     v = torch.cat([opt.step(lambda: torch.zeros(3)).noisy_sum for _ in range(steps)])
     n = v.numel()
     stat = float((v**2).sum()) / (sigma * c) ** 2
@@ -116,29 +145,31 @@ def test_noise_std_is_sigma_c_per_coordinate():
 def _deltas_closure(theta, scales):
     """Records whose loss is s·θ₀: Δ_k = s·z_k[0]; s = 0 records add nothing to Σ Δ̂."""
     s = torch.tensor(scales, dtype=torch.float64)
-    return lambda: s * theta[0]
+    return lambda: s * _vec(theta)[0]
 
 
-def test_update_is_normalised_by_b():
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_update_is_normalised_by_b(kind):
     """Same seeds, no noise: halving b doubles the update exactly (up to rounding)."""
     updates = []
     for b in (4.0, 8.0):
-        theta = torch.nn.Parameter(torch.ones(D, dtype=torch.float64))
-        opt = _opt(theta, K=3, c=10.0, sigma=0.0, b=b)
+        theta = _param(torch.ones(D, dtype=torch.float64), kind)
+        opt = _opt(theta, K=3, c=10.0, sigma=0.0, b=b, **KINDS[kind])
         opt.step(_deltas_closure(theta, [1.0, -0.5, 2.0]))
         updates.append(theta.detach() - 1)
     assert torch.allclose(updates[0], 2 * updates[1], rtol=1e-12, atol=0)
     assert updates[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("sigma", [0.0, 0.5])
-def test_update_does_not_depend_on_actual_batch_size(sigma):
+def test_update_does_not_depend_on_actual_batch_size(sigma, kind):
     """Adding a record with Δ = 0 changes |B| but not Σ Δ̂: the DP update is identical (same
     seeded noise). MeZO (normalised by |B|) is not, which shows the check tells them apart."""
     results = {}
     for name, scales in (("two", [1.0, -0.5]), ("three", [1.0, -0.5, 0.0])):
-        theta = torch.nn.Parameter(torch.ones(D, dtype=torch.float64))
-        opt = _opt(theta, K=2, c=10.0, sigma=sigma, noise_seed=3)
+        theta = _param(torch.ones(D, dtype=torch.float64), kind)
+        opt = _opt(theta, K=2, c=10.0, sigma=sigma, noise_seed=3, **KINDS[kind])
         stats = opt.step(_deltas_closure(theta, scales))
         results[name] = (theta.detach().clone(), stats)
     assert results["two"][1].batch_size == 2 and results["three"][1].batch_size == 3
@@ -151,22 +182,27 @@ def test_update_does_not_depend_on_actual_batch_size(sigma):
     assert not torch.equal(mezo["two"], mezo["three"])
 
 
-def test_empty_batch_releases_pure_noise_and_updates(monkeypatch):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_empty_batch_releases_pure_noise_and_updates(monkeypatch, kind):
     injected = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
     monkeypatch.setattr(
         zoprivacy.noise.source.NoiseSource,
         "add_noise",
         lambda self, values, std, sensitivity=None: values.to(torch.float64) + injected * std,
     )
-    theta0 = torch.linspace(-1, 1, D, dtype=torch.float64)
-    theta = torch.nn.Parameter(theta0.clone())
+    theta = _param(torch.linspace(-1, 1, D, dtype=torch.float64), kind)
+    theta0 = theta.detach().clone()
     lr, b, c, sigma, seed = 0.1, 4.0, 0.5, 2.0, 7
-    opt = _opt(theta, K=3, c=c, sigma=sigma, b=b, lr=lr, seed=seed)
+    opt = _opt(theta, K=3, c=c, sigma=sigma, b=b, lr=lr, seed=seed, **KINDS[kind])
     stats = opt.step(lambda: torch.zeros(0))
     assert torch.equal(stats.noisy_sum, injected * sigma * c)
     expected = theta0.clone()
+    lowrank = {"rank": 2, "refresh": 2} if kind == "lowrank" else {}
     for k in range(3):
-        z = direction_tensor((D,), seed=seed, step=0, k=k, index=0, dtype=torch.float64)
+        z = direction_tensor(
+            theta0.shape, seed=seed, step=0, k=k, index=0, dtype=torch.float64, kind=kind,
+            **lowrank,
+        )  # fmt: skip
         expected -= lr / b * float(stats.noisy_sum[k]) * z
     assert torch.allclose(theta.detach(), expected, rtol=0, atol=1e-14)
     assert stats.batch_size == 0 and opt.steps_taken == 1 and stats.step == 0

@@ -24,6 +24,7 @@ __all__ = [
     "SCHEDULABLE",
     "StepConfig",
     "check_batched",
+    "check_flag",
     "check_group",
     "check_hyper",
     "check_mode",
@@ -162,6 +163,13 @@ def check_public_values(
     if mask is not None and not callable(mask):
         raise TypeError(f"mask must be a callable (step, index, param) -> mask, got {mask!r}")
     return b, q, seed
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A boolean option."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_batched(batched: Any, perturbation: str) -> int | None:

@@ -31,6 +31,12 @@ Two distributions (``kind``), both with E[z] = 0 and E[z zᵀ] = I:
   (``index_select``), so no float normal is drawn: about 8x faster than ``"gaussian"`` on a CPU,
   and the extra memory is a fixed ~0.6 MiB of chunk buffers, whatever the tensor's size.
 
+* ``"lowrank"`` (LOZO, Chen et al., ICLR 2025, "Enhancing Zeroth-order Fine-tuning for Language
+  Models with Low-rank Structures"): for a weight matrix θ_i of shape m × n the slice is
+  z_{k,i} = U Vᵀ / √r with U (m × r) and V (n × r) of independent N(0, 1) entries; tensors that
+  are not matrices (biases, norms, 3-D and higher) get Gaussian slices. See
+  :func:`lowrank_factors` for the scaling, the lazy sampling of V and the memory.
+
 CPU and CUDA generators are different algorithms: a run replayed on another device type sees
 different directions.
 
@@ -47,23 +53,30 @@ import secrets
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from zoprivacy import checks
 from zoprivacy.optim.masks import apply_packed_mask_
 
 __all__ = [
     "DIRECTION_KINDS",
     "DIRECTION_STREAM",
     "GAUSSIAN_CHUNK",
+    "LOWRANK_DEFAULTS",
     "RADEMACHER_CHUNK_WORDS",
+    "DirectionOptions",
     "DirectionStream",
+    "check_direction_options",
     "chunk_seeds",
     "direction_tensor",
     "draw_public_seed",
+    "factor_seeds",
     "fill_direction_",
     "generation_threads",
+    "lowrank_factors",
     "set_generation_threads",
     "stream_affects",
     "tensor_seeds",
@@ -71,8 +84,11 @@ __all__ = [
 
 _SEED_MASK = (1 << 63) - 1
 
-DIRECTION_KINDS = ("gaussian", "rademacher")
-"""The direction distributions: ``"gaussian"`` (default) and ``"rademacher"``."""
+DIRECTION_KINDS = ("gaussian", "rademacher", "lowrank")
+"""The direction distributions: ``"gaussian"`` (default), ``"rademacher"`` and ``"lowrank"``."""
+
+LOWRANK_DEFAULTS = {"rank": 2, "refresh": 1}
+"""``direction_rank`` r and ``direction_refresh`` ν of ``directions="lowrank"`` when not given."""
 
 RADEMACHER_CHUNK_WORDS = 1 << 13
 """64-bit words drawn per chunk by a Rademacher direction (8,192 words = 524,288 signs)."""
@@ -128,6 +144,101 @@ def check_kind(kind: object) -> str:
     if kind not in DIRECTION_KINDS:
         raise ValueError(f"directions must be one of {DIRECTION_KINDS}, got {kind!r}")
     return str(kind)
+
+
+@dataclass(frozen=True)
+class DirectionOptions:
+    """The direction distribution of a run: ``kind``, and for ``"lowrank"`` r and ν."""
+
+    kind: str = "gaussian"
+    rank: int | None = None  # r, lowrank only
+    refresh: int | None = None  # ν, lowrank only
+
+
+def check_direction_options(kind: object, rank: object, refresh: object) -> DirectionOptions:
+    """``directions``, ``direction_rank`` and ``direction_refresh`` of :class:`~zoprivacy.DPAggZO`.
+
+    The rank and the refresh period belong to ``directions="lowrank"`` (defaults
+    :data:`LOWRANK_DEFAULTS`); given with another kind they are refused.
+    """
+    kind = check_kind(kind)
+    if kind != "lowrank":
+        if rank is not None or refresh is not None:
+            raise ValueError(
+                f"direction_rank and direction_refresh apply to directions='lowrank' only, got "
+                f"directions={kind!r}: pass directions='lowrank' or leave them out"
+            )
+        return DirectionOptions(kind)
+    rank = LOWRANK_DEFAULTS["rank"] if rank is None else rank
+    refresh = LOWRANK_DEFAULTS["refresh"] if refresh is None else refresh
+    return DirectionOptions(
+        kind,
+        checks.integer("direction_rank", rank, minimum=1),
+        checks.integer("direction_refresh", refresh, minimum=1),
+    )
+
+
+def factor_seeds(
+    seed: int, step: int, k: int, num_tensors: int, refresh: int
+) -> tuple[list[int], list[int]]:
+    """Seeds of the low-rank factors U and V of direction ``k`` at ``step``, one per tensor.
+
+    U's seeds come from ``SeedSequence(entropy=seed, spawn_key=(step, k, 1))``, fresh at every
+    step; V's from ``spawn_key=(step // refresh, k, 2)``, the same for the ``refresh`` steps of a
+    period (lazy sampling). Both streams are disjoint from :func:`tensor_seeds`'s (whose spawn
+    keys have two entries), and seed ``i`` does not depend on ``num_tensors``.
+    """
+    if num_tensors == 0:
+        return [], []
+
+    def words(key: tuple[int, ...]) -> list[int]:
+        state = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(
+            num_tensors, dtype=np.uint64
+        )
+        return [int(w) & _SEED_MASK for w in state]
+
+    return words((step, k, 1)), words((step // refresh, k, 2))
+
+
+def lowrank_factors(
+    shape: Sequence[int] | torch.Size,
+    *,
+    u_seed: int,
+    v_seed: int,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (U/√r, V) of the low-rank slice z = (U/√r) Vᵀ of an m × n matrix.
+
+    U (m × r) and V (n × r) have independent N(0, 1) entries, drawn with ``torch.randn`` in
+    ``dtype`` on ``device`` from ``u_seed`` and ``v_seed``; U is returned already divided by √r.
+
+    Scaling: z_{ab} = r^{-1/2} Σ_l U_{al} V_{bl} has E[z] = 0 and E[z_{ab} z_{a'b'}] = r^{-1}
+    Σ_l E[U_{al} U_{a'l}] E[V_{bl} V_{b'l}] = δ_{aa'} δ_{bb'}, i.e. E[z zᵀ] = I as for the Gaussian
+    and Rademacher kinds. LOZO's estimator (L(θ+εUVᵀ) − L(θ−εUVᵀ))/(2ε) · UVᵀ/r puts the whole
+    1/r into the update; splitting it as 1/√r into z, used both for the probe θ ± φz and for the
+    update Σ_k S_k z_k, gives the same estimator with ε = φ/√r, and keeps φ, the clip norm c and
+    η on the scale of the other kinds (E‖z‖² = mn whatever r is), so they need no re-tuning.
+
+    Lazy sampling (LOZO's ν): V's seed changes every ``direction_refresh`` steps only
+    (:func:`factor_seeds`), so V is reused for ν consecutive steps while U is fresh at each step.
+    V is a function of (seed, step // ν, k, tensor index): it is regenerated, never carried
+    across steps, so a resumed run continues bit-identically.
+
+    Memory: a step keeps the factors of its K directions, K·r(m + n) values per matrix (plus K
+    copies of each tensor that is not a matrix), instead of regenerating mn values per read.
+    """
+    m, n = (int(d) for d in shape)
+    if generator is None:
+        generator = torch.Generator(device=device)
+    generator.manual_seed(u_seed)
+    u = torch.randn((m, rank), generator=generator, dtype=dtype, device=device)
+    u.mul_(rank**-0.5)
+    generator.manual_seed(v_seed)
+    v = torch.randn((n, rank), generator=generator, dtype=dtype, device=device)
+    return u, v
 
 
 def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -311,6 +422,11 @@ def fill_direction_(
             generator.manual_seed(seed)
             torch.randn(out.shape, generator=generator, out=out)
         return out
+    if kind == "lowrank":
+        raise ValueError(
+            "low-rank directions are built from two factors per matrix: use "
+            "DirectionStream(kind='lowrank') or lowrank_factors, not fill_direction_"
+        )
     generator.manual_seed(seed)
     if kind == "rademacher":
         _fill_rademacher_(out, generator)
@@ -329,18 +445,30 @@ def direction_tensor(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     kind: str = "gaussian",
+    rank: int | None = None,
+    refresh: int | None = None,
 ) -> torch.Tensor:
     """Materialise one tensor slice of z_k, for inspection and tests.
 
-    Pass the parameter's ``dtype`` and ``device`` (and the optimizer's ``directions`` as
-    ``kind``) to get exactly the values the optimizer uses (without a mask).
+    Pass the parameter's ``dtype`` and ``device`` (and the optimizer's ``directions``,
+    ``direction_rank`` and ``direction_refresh`` as ``kind``, ``rank``, ``refresh``) to get
+    exactly the values the optimizer uses (without a mask).
 
     ``index`` is the tensor's position among the trainable tensors of the optimizer (param-group
     order, frozen tensors skipped), exactly as the optimizer counts them.
     """
-    seeds = tensor_seeds(seed, step, k, index + 1)
+    options = check_direction_options(kind, rank, refresh)
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
-    return fill_direction_(out, seeds[index], kind=kind)
+    if options.kind == "lowrank" and out.dim() == 2:
+        u_seeds, v_seeds = factor_seeds(seed, step, k, index + 1, options.refresh)
+        u, v = lowrank_factors(
+            out.shape, u_seed=u_seeds[index], v_seed=v_seeds[index], rank=options.rank,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+        return torch.matmul(u, v.T, out=out)
+    seeds = tensor_seeds(seed, step, k, index + 1)
+    fill_kind = "gaussian" if options.kind == "lowrank" else options.kind
+    return fill_direction_(out, seeds[index], kind=fill_kind)
 
 
 def _view(buffer: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -349,17 +477,26 @@ def _view(buffer: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 class DirectionStream:
-    """The directions of one step: regenerates z_{k,i} (optionally masked) on demand.
+    """The directions of one step: z_{k,i} (optionally masked) written on demand.
 
     Args:
         params: the trainable tensors, in the optimizer's order.
         seed, step: the public direction seed and the step index.
-        kind: ``"gaussian"`` or ``"rademacher"``.
+        kind: ``"gaussian"``, ``"rademacher"`` or ``"lowrank"``.
         masks: None, or one entry per tensor: None (no mask) or a packed bit mask
             (:func:`zoprivacy.optim.masks.pack_mask`) of that tensor's coordinates.
+        rank, refresh: r and ν of ``kind="lowrank"`` (:func:`lowrank_factors`).
+        buffer: keep the slices of the current direction k (Gaussian and Rademacher), so the
+            two probes of a pair and the in-place moves generate each z_{k,i} once: memory of
+            one copy of the trainable tensors. Low-rank directions always keep their factors.
 
-    The per-tensor seeds of each k are derived once per step and cached (K·n integers).
-    ``generations`` counts the tensor slices generated (for benchmarks and tests).
+    Gaussian and Rademacher slices are regenerated from their seeds at every :meth:`fill`
+    (nothing kept) unless ``buffer``; low-rank slices are generated once per step and kept
+    (the factors of matrices, the whole slice of other tensors) and :meth:`fill` writes
+    (U/√r) Vᵀ with one matmul. The per-tensor seeds of each k are derived once per step and
+    cached (K·n integers). ``generations`` counts the tensor slices generated (a slice's two
+    factors count once): a central step on the substitution path generates 3K·n slices
+    (Gaussian, Rademacher), 2K·n with ``buffer``, and K·n for ``"lowrank"``.
     """
 
     def __init__(
@@ -370,16 +507,24 @@ class DirectionStream:
         step: int,
         kind: str = "gaussian",
         masks: Sequence[torch.Tensor | None] | None = None,
+        rank: int | None = None,
+        refresh: int | None = None,
+        buffer: bool = False,
     ) -> None:
         self.params = list(params)
         self.seed = seed
         self.step = step
-        self.kind = check_kind(kind)
+        self.options = check_direction_options(kind, rank, refresh)
+        self.kind = self.options.kind
         self.masks = list(masks) if masks is not None else [None] * len(self.params)
         if len(self.masks) != len(self.params):
             raise ValueError("masks must have one entry per trainable tensor")
         self._seeds: dict[int, list[int]] = {}
+        self._factor_seeds: dict[int, tuple[list[int], list[int]]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._kept: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.buffer = bool(buffer) and self.kind != "lowrank"
+        self._buffer_k = -1
         self.generations = 0
 
     def seeds(self, k: int) -> list[int]:
@@ -402,12 +547,58 @@ class DirectionStream:
 
         ``out`` must have the tensor's shape and dtype (e.g. :meth:`view` of a scratch buffer).
         """
-        fill_direction_(out, self.seeds(k)[index], self.generator(out.device), kind=self.kind)
-        self.generations += 1
+        if self.kind == "lowrank" or self.buffer:
+            kept = self._kept_slice(k, index)
+            if len(kept) == 2:
+                torch.matmul(kept[0], kept[1].T, out=out)
+            else:
+                out.copy_(kept[0])
+        else:
+            self._generate(k, index, out)
         mask = self.masks[index]
         if mask is not None:
             apply_packed_mask_(out, mask)
         return out
+
+    def _generate(self, k: int, index: int, out: torch.Tensor) -> torch.Tensor:
+        kind = "gaussian" if self.kind == "lowrank" else self.kind
+        fill_direction_(out, self.seeds(k)[index], self.generator(out.device), kind=kind)
+        self.generations += 1
+        return out
+
+    def _kept_slice(self, k: int, index: int) -> tuple[torch.Tensor, ...]:
+        """The kept (U/√r, V) or whole slice of (k, index), generated on first use."""
+        kept = self._kept.get((k, index))
+        if kept is not None:
+            return kept
+        if self.buffer and self._buffer_k != k:
+            self._kept, self._buffer_k = {}, k  # the buffer holds the current direction only
+        p = self.params[index]
+        if self.kind == "lowrank" and p.dim() == 2:
+            seeds = self._factor_seeds.get(k)
+            if seeds is None:
+                seeds = factor_seeds(
+                    self.seed, self.step, k, len(self.params), self.options.refresh or 1
+                )
+                self._factor_seeds[k] = seeds
+            kept = lowrank_factors(
+                p.shape, u_seed=seeds[0][index], v_seed=seeds[1][index],
+                rank=self.options.rank or 1, dtype=p.dtype, device=p.device,
+                generator=self.generator(p.device),
+            )  # fmt: skip
+            self.generations += 1
+        else:
+            kept = (
+                self._generate(
+                    k, index, torch.empty_like(p, memory_format=torch.contiguous_format)
+                ),
+            )
+        self._kept[(k, index)] = kept
+        return kept
+
+    def kept_bytes(self) -> int:
+        """Bytes of the directions kept now (low-rank factors, or the buffer)."""
+        return sum(t.numel() * t.element_size() for kept in self._kept.values() for t in kept)
 
     def view(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
         """``buffer`` (flat uint8) viewed with tensor ``index``'s dtype and shape."""

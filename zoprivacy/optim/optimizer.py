@@ -31,6 +31,7 @@ from zoprivacy.optim.config import (
     SCHEDULABLE,
     StepConfig,
     check_batched,
+    check_flag,
     check_group,
     check_mode,
     check_public_values,
@@ -40,8 +41,9 @@ from zoprivacy.optim.config import (
 )
 from zoprivacy.optim.directions import (
     DIRECTION_STREAM,
+    DirectionOptions,
     DirectionStream,
-    check_kind,
+    check_direction_options,
     draw_public_seed,
 )
 from zoprivacy.optim.perturb import (
@@ -101,6 +103,13 @@ class DPAggZO(torch.optim.Optimizer):
     step beyond the budget raises with nothing touched. A closure that raises or returns bad
     output leaves the parameters as they were and releases nothing.
 
+    The directions are public (functions of ``seed``, the step and k, never of the data), so
+    their distribution does not enter the privacy analysis: whatever the kind, Δ_agg(x) is a
+    K-vector computed from record x alone and clipped to L2 norm c, so adding or removing one
+    record changes Σ_x Δ̂_agg(x) by at most c in L2, S is the same Poisson-subsampled Gaussian
+    mechanism with noise multiplier σ, and the update is post-processing of S and the public
+    directions. Low-rank directions change only the estimator, not the release or its accounting.
+
     Args:
         params: iterable of tensors or of param-group dicts (``lr``, ``weight_decay`` per group).
         lr: learning rate η (≥ 0).
@@ -121,8 +130,18 @@ class DPAggZO(torch.optim.Optimizer):
         perturbation: how θ ± φz_k is evaluated (:mod:`~zoprivacy.optim.perturb`): ``"auto"``
             (default: zero drift, parameters never written during the probe), ``"hooks"`` or
             ``"inplace"`` (θ written and restored by arithmetic, as in the paper).
-        directions: ``"gaussian"`` (default, as in the paper) or ``"rademacher"`` (uniform ±1,
-            cheaper to generate); both have E[z zᵀ] = I (:mod:`~zoprivacy.optim.directions`).
+        directions: ``"gaussian"`` (default, as in the paper), ``"rademacher"`` (uniform ±1,
+            cheaper to generate) or ``"lowrank"`` (LOZO: z = U Vᵀ/√r for every weight matrix,
+            Gaussian slices for the other tensors); all have E[z zᵀ] = I
+            (:mod:`~zoprivacy.optim.directions`, :func:`~zoprivacy.optim.directions.
+            lowrank_factors` for the scaling and the memory, K·r(m + n) values per matrix).
+        direction_rank: r ≥ 1 of ``directions="lowrank"`` (default 2).
+        direction_refresh: ν ≥ 1 of ``directions="lowrank"``: V is redrawn every ν steps and U
+            at every step (LOZO's lazy sampling; default 1).
+        direction_buffer: keep the current direction's slices (Gaussian, Rademacher) so each
+            z_k is generated once for both probes: 2K generations per central step instead of
+            3K, for the memory of one copy of the trainable tensors. The values, hence the
+            trajectory, are the same with and without it.
         difference: ``"central"`` (default, 2K evaluations) or ``"forward"``
             (Δ_k = (L(θ+φz_k) − L(θ)) / φ, K + 1 evaluations; same privacy).
         mask: None or a DP-ZOPO mask callable ``(step, index, param) -> bool tensor | None``
@@ -153,6 +172,9 @@ class DPAggZO(torch.optim.Optimizer):
         difference: str = "central",
         mask: Mask | None = None,
         batched_directions: int | None = None,
+        direction_rank: int | None = None,
+        direction_refresh: int | None = None,
+        direction_buffer: bool = False,
     ) -> None:
         defaults = {
             "lr": checks.real("lr", lr, minimum=0.0),
@@ -163,7 +185,10 @@ class DPAggZO(torch.optim.Optimizer):
             expected_batch_size, sample_rate, seed, mask
         )
         self._perturbation = check_perturbation(perturbation)
-        self._directions = check_kind(directions)
+        self._dirs = check_direction_options(directions, direction_rank, direction_refresh)
+        self._dirs_given = self._dirs != DirectionOptions()  # checked against a checkpoint's
+        self._directions = self._dirs.kind
+        self._buffer = check_flag("direction_buffer", direction_buffer)
         self._difference = check_difference(difference)
         self._batched = check_batched(batched_directions, self._perturbation)
         check_mode(spec, expected_batch_size, accountant, sample_rate)
@@ -261,8 +286,18 @@ class DPAggZO(torch.optim.Optimizer):
 
     @property
     def directions(self) -> str:
-        """The direction distribution: ``"gaussian"`` or ``"rademacher"``."""
+        """The direction distribution: ``"gaussian"``, ``"rademacher"`` or ``"lowrank"``."""
         return self._directions
+
+    @property
+    def direction_rank(self) -> int | None:
+        """r of ``directions="lowrank"`` (None for the other kinds)."""
+        return self._dirs.rank
+
+    @property
+    def direction_refresh(self) -> int | None:
+        """ν of ``directions="lowrank"``: V is redrawn every ν steps (None for the other kinds)."""
+        return self._dirs.refresh
 
     @property
     def difference(self) -> str:
@@ -446,7 +481,14 @@ class DPAggZO(torch.optim.Optimizer):
     def _stream(self, cfg: StepConfig, params: list[torch.Tensor]) -> DirectionStream:
         """The public directions of the step (regenerated from the seed, masked)."""
         return DirectionStream(
-            params, seed=self._seed, step=cfg.step, kind=self._directions, masks=cfg.masks
+            params,
+            seed=self._seed,
+            step=cfg.step,
+            kind=self._directions,
+            masks=cfg.masks,
+            rank=self._dirs.rank,
+            refresh=self._dirs.refresh,
+            buffer=self._buffer,
         )
 
     def _stats(
@@ -576,6 +618,9 @@ class DPAggZO(torch.optim.Optimizer):
             "scheduled": list(self.scheduled),
             "perturbation": self._perturbation,
             "directions": self._directions,
+            "direction_rank": self._dirs.rank,
+            "direction_refresh": self._dirs.refresh,
+            "direction_buffer": self._buffer,
             "direction_stream": DIRECTION_STREAM,
             "difference": self._difference,
             "masked": self._mask is not None,
@@ -615,7 +660,8 @@ class DPAggZO(torch.optim.Optimizer):
             "spec": self._spec,
             "mask": self._mask,
             "perturbation": self._perturbation,
-            "directions": self._directions,
+            "directions": self._dirs,
+            "directions_given": self._dirs_given,
             "difference": self._difference,
             "batched": self._batched,
         }
@@ -629,7 +675,8 @@ class DPAggZO(torch.optim.Optimizer):
         self._spec, self._mask = restored["spec"], restored["mask"]
         self._expected_batch_size = restored["expected_batch_size"]
         self._sample_rate, self._noise = restored["sample_rate"], noise
-        self._perturbation, self._directions = restored["perturbation"], restored["directions"]
+        self._perturbation, self._dirs = restored["perturbation"], restored["directions"]
+        self._directions = self._dirs.kind
         self._difference, self._batched = restored["difference"], restored["batched"]
         self._paths = self._path_discovery()
         self._last_path = None
@@ -687,6 +734,9 @@ class DPAggZO(torch.optim.Optimizer):
             process_group=process_group,
             perturbation=zo.get("perturbation", "auto"),
             directions=zo.get("directions", "gaussian"),
+            direction_rank=zo.get("direction_rank"),
+            direction_refresh=zo.get("direction_refresh"),
+            direction_buffer=zo.get("direction_buffer", False),
             difference=zo.get("difference", "central"),
             mask=mask,
             batched_directions=zo.get("batched_directions"),
@@ -750,7 +800,7 @@ class DPAggZO(torch.optim.Optimizer):
             list(zip(cfg.lrs, cfg.weight_decays, strict=True)),
             [(tuple(p.shape), str(p.dtype)) for p in params],
             self._perturbation,
-            self._directions,
+            self._dirs,
             self._difference,
             self._batched,
             describe(self._mask),

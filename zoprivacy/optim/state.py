@@ -16,7 +16,12 @@ import torch
 
 from zoprivacy import checks
 from zoprivacy.optim.config import SCHEDULABLE, check_hyper
-from zoprivacy.optim.directions import DIRECTION_STREAM, check_kind, stream_affects
+from zoprivacy.optim.directions import (
+    DIRECTION_STREAM,
+    DirectionOptions,
+    check_direction_options,
+    stream_affects,
+)
 from zoprivacy.optim.masks import FixedMask, MagnitudeMask, RandomMask, mask_from_state_dict
 from zoprivacy.optim.perturb import check_perturbation
 from zoprivacy.optim.schedules import Stagewise, schedule_from_state_dict
@@ -72,8 +77,9 @@ def read_state(
     """The settings a checkpoint restores, checked against this optimizer's ``current`` ones.
 
     ``current`` holds ``spec`` (K, c, σ, φ: constants or schedules), ``mask``, ``perturbation``,
-    ``directions``, ``difference`` and ``batched``. Returns the same keys plus ``step``,
-    ``seed``, ``expected_batch_size`` and ``sample_rate``.
+    ``directions`` (a :class:`~zoprivacy.optim.directions.DirectionOptions`), ``directions_given``
+    (whether they were chosen, not the defaults), ``difference`` and ``batched``. Returns the same
+    keys plus ``step``, ``seed``, ``expected_batch_size`` and ``sample_rate``.
     """
     step = checks.integer("step", zo["step"], minimum=0)
     scheduled = list(zo.get("scheduled", []))
@@ -87,8 +93,8 @@ def read_state(
     if spec["clip_norm"] is None and callable(spec["noise_multiplier"]):
         raise ValueError("clip_norm=None (MeZO) cannot be resumed with a σ schedule")
     b, q = zo["expected_batch_size"], zo["sample_rate"]
-    directions = check_kind(zo.get("directions", current["directions"]))
-    _check_stream(zo.get("direction_stream", "v1"), trainable, directions)
+    directions = _resume_directions(zo, current["directions"], current["directions_given"])
+    _check_stream(zo.get("direction_stream", "v1"), trainable, directions.kind)
     batched = zo.get("batched_directions", current["batched"])
     return {
         "step": step,
@@ -106,6 +112,33 @@ def read_state(
         if batched is None
         else checks.integer("batched_directions", batched, minimum=1),
     }
+
+
+def _resume_directions(
+    zo: Mapping[str, Any], mine: DirectionOptions, given: bool
+) -> DirectionOptions:
+    """The checkpoint's direction options; refused when this optimizer chose other ones.
+
+    An optimizer built with the default options (Gaussian) takes the checkpoint's, as a resume
+    through ``make_private`` does; one built with other options (another kind, a rank or a
+    refresh period) must match the checkpoint, or the run would not continue its trajectory.
+    """
+    saved = check_direction_options(
+        zo.get("directions", mine.kind), zo.get("direction_rank"), zo.get("direction_refresh")
+    )
+    if given and saved != mine:
+        raise ValueError(
+            f"the checkpoint's directions are {_options_text(saved)} but this optimizer's are "
+            f"{_options_text(mine)}: resume with the same directions, direction_rank and "
+            "direction_refresh (or leave them out to take the checkpoint's)"
+        )
+    return saved
+
+
+def _options_text(options: DirectionOptions) -> str:
+    if options.kind != "lowrank":
+        return repr(options.kind)
+    return f"'lowrank' (direction_rank={options.rank}, direction_refresh={options.refresh})"
 
 
 def _check_stream(stream: str, trainable: Sequence[torch.Tensor], directions: str) -> None:
