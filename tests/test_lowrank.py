@@ -260,3 +260,13 @@ def test_direction_buffer_holds_one_direction():
                                                         index=i))  # fmt: skip
         assert stream.kept_bytes() == (35 + 3) * 4  # the current direction only
     assert stream.generations == 8
+
+
+def test_direction_buffer_with_one_direction_generates_once():
+    """K = 1: the update reuses the buffered z_0, so a step generates n slices in all."""
+    model = _model()
+    opt = _opt(
+        model, num_directions=1, directions="gaussian", direction_rank=None,
+        direction_refresh=None, direction_buffer=True,
+    )  # fmt: skip
+    assert opt.step(_closure(model)).generations == 4

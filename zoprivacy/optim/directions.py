@@ -496,7 +496,8 @@ class DirectionStream:
     (U/√r) Vᵀ with one matmul. The per-tensor seeds of each k are derived once per step and
     cached (K·n integers). ``generations`` counts the tensor slices generated (a slice's two
     factors count once): a central step on the substitution path generates 3K·n slices
-    (Gaussian, Rademacher), 2K·n with ``buffer``, and K·n for ``"lowrank"``.
+    (Gaussian, Rademacher), 2K·n with ``buffer`` (n when K = 1: the update reuses z_0), and
+    K·n for ``"lowrank"``.
     """
 
     def __init__(

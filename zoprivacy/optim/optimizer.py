@@ -139,9 +139,9 @@ class DPAggZO(torch.optim.Optimizer):
         direction_refresh: ν ≥ 1 of ``directions="lowrank"``: V is redrawn every ν steps and U
             at every step (LOZO's lazy sampling; default 1).
         direction_buffer: keep the current direction's slices (Gaussian, Rademacher) so each
-            z_k is generated once for both probes: 2K generations per central step instead of
-            3K, for the memory of one copy of the trainable tensors. The values, hence the
-            trajectory, are the same with and without it.
+            z_k is generated once for both probes: 2K generations per central step (1 when
+            K = 1) instead of 3K, for the memory of one copy of the trainable tensors. The
+            values, hence the trajectory, are the same with and without it.
         difference: ``"central"`` (default, 2K evaluations) or ``"forward"``
             (Δ_k = (L(θ+φz_k) − L(θ)) / φ, K + 1 evaluations; same privacy).
         mask: None or a DP-ZOPO mask callable ``(step, index, param) -> bool tensor | None``

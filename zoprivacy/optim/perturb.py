@@ -12,8 +12,9 @@ Two ways to evaluate the per-record losses at a perturbed point, chosen per trai
   floating-point operation the in-place path performs). Nothing has to be undone: parameters are
   bit-exact after any number of evaluations and after any exception, in every dtype.
   Cost per evaluation: one generation per *read* of each tensor (2K + K per central step, against
-  4K in place), plus a Python check of the arguments of every torch call (a few µs each; about
-  250 calls per MiniLM forward, within the timing noise).
+  4K in place; 2K on both paths with ``direction_buffer``, K with low-rank directions, see
+  :class:`~zoprivacy.optim.directions.DirectionStream`), plus a Python check of the arguments of
+  every torch call (a few µs each; about 250 calls per MiniLM forward, within the timing noise).
 * **in place**: θ_i += s·φ·z_{k,i} before the call and undone by arithmetic afterwards
   (+φ, −2φ, +φ per direction), which leaves rounding drift of a few ulps per step (see
   ``benchmarks/drift.py``). Used for tensors the substitution cannot see.

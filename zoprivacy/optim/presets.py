@@ -38,6 +38,9 @@ class DPZO(DPAggZO):
         directions: str = "gaussian",
         difference: str = "central",
         mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        direction_rank: int | None = None,
+        direction_refresh: int | None = None,
+        direction_buffer: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -57,6 +60,9 @@ class DPZO(DPAggZO):
             directions=directions,
             difference=difference,
             mask=mask,
+            direction_rank=direction_rank,
+            direction_refresh=direction_refresh,
+            direction_buffer=direction_buffer,
         )
 
 
@@ -81,6 +87,9 @@ class MeZO(DPAggZO):
         difference: str = "central",
         mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
         batched_directions: int | None = None,
+        direction_rank: int | None = None,
+        direction_refresh: int | None = None,
+        direction_buffer: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -97,4 +106,7 @@ class MeZO(DPAggZO):
             difference=difference,
             mask=mask,
             batched_directions=batched_directions,
+            direction_rank=direction_rank,
+            direction_refresh=direction_refresh,
+            direction_buffer=direction_buffer,
         )

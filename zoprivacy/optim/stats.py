@@ -48,12 +48,15 @@ class StepStats:
             written), ``"inplace"`` (θ written and restored by arithmetic), ``"mixed"`` (in place
             only for the tensors the substitution could not see) or ``"batched"`` (vmapped
             stacked copies); see :mod:`zoprivacy.optim.perturb`.
-        directions: ``"gaussian"`` or ``"rademacher"``.
+        directions: ``"gaussian"``, ``"rademacher"`` or ``"lowrank"``.
         difference: ``"central"`` (2K evaluations) or ``"forward"`` (K + 1 evaluations).
         perturbation_scale, clip_norm, noise_multiplier: φ, c and σ of this step (after
             schedules); public.
         generations: tensor slices of directions generated during the step (probe and update);
-            a measure of the step's direction cost.
+            a measure of the step's direction cost. A central step over n trainable tensors
+            generates 3K·n slices on the substitution path and 4K·n in place (Gaussian,
+            Rademacher), 2K·n on both with ``direction_buffer=True`` (n when K = 1), and K·n
+            with low-rank directions (a matrix's two factors count as one slice).
     """
 
     noisy_sum: torch.Tensor
