@@ -115,17 +115,9 @@ def _best_order(sigma, q, steps, delta, psi, orders) -> float:
     return float(orders[min(range(lo, hi + 1), key=eps_at)])
 
 
-def _calibrate_rdp(
-    target, delta, q, steps, psi, orders, orders_given
-) -> tuple[float, float, float]:
-    """Returns (σ, ε achieved, best order).
-
-    ε(σ) = min over orders of ε_α(σ), so σ* = min over orders of σ*_α, and searching on any
-    subset of the orders can only overstate ε: every σ found on a subset is safe. The search
-    brackets σ on a coarse subset, locates the best order by ternary search, solves on a window
-    of orders around it, and re-centres the window until the best order is strictly inside.
-    """
-    # 1. Reachability, extending the orders while the best one sits at the top of the list.
+def _reachable_orders(target, delta, psi, orders, orders_given) -> np.ndarray:
+    """The orders to search, extended while the best one sits at the top of the list; raises
+    when even infinite noise cannot reach ``target``."""
     floor, best = _floor_epsilon(delta, psi, orders)
     while floor >= target and best == orders[-1] and not orders_given and best < MAX_ORDER:
         orders = extended_orders(orders)
@@ -135,27 +127,47 @@ def _calibrate_rdp(
             "target epsilon cannot be reached: even infinite noise leaves "
             f"ε = {floor:.6g} >= {target:g} (delta = {delta:g}, orders up to {orders[-1]:g})"
         )
-    # 2. Bracket σ on a coarse subset when its ε can reach the target, else on the full list.
+    return orders
+
+
+def _coarse_bracket(target, q, steps, delta, psi, orders, orders_given) -> tuple[float, float]:
+    """A bracket (lo, hi) of σ with hi safe, from a coarse subset of the orders when its ε can
+    reach the target (else from the full list), tightened around a rough root."""
     coarse = orders if orders_given else _COARSE_ORDERS
     if _floor_epsilon(delta, psi, coarse)[0] >= target:
         coarse = orders
-    coarse_memo: dict[float, float] = {}
+    memo: dict[float, float] = {}
 
-    def coarse_excess(s: float) -> float:
-        if s not in coarse_memo:
-            coarse_memo[s] = _rdp_epsilon(s, q, steps, delta, psi, coarse)[0] - target
-        return coarse_memo[s]
+    def excess(s: float) -> float:
+        if s not in memo:
+            memo[s] = _rdp_epsilon(s, q, steps, delta, psi, coarse)[0] - target
+        return memo[s]
 
     hi = 1.0
-    while coarse_excess(hi) > 0.0:
+    while excess(hi) > 0.0:
         hi *= 2.0
     lo = hi / 2.0
-    while coarse_excess(lo) <= 0.0:
+    while excess(lo) <= 0.0:
         hi, lo = lo, lo / 2.0
     # A rough root on the coarse subset tells where the best order of the full list is.
-    rough = float(brentq(coarse_excess, lo, hi, rtol=1e-2))
-    if coarse_excess(rough * 1.02) <= 0.0:
+    rough = float(brentq(excess, lo, hi, rtol=1e-2))
+    if excess(rough * 1.02) <= 0.0:
         hi = rough * 1.02
+    return lo, hi
+
+
+def _calibrate_rdp(
+    target, delta, q, steps, psi, orders, orders_given
+) -> tuple[float, float, float, np.ndarray]:
+    """Returns (σ, ε achieved, best order, the orders searched).
+
+    ε(σ) = min over orders of ε_α(σ), so σ* = min over orders of σ*_α, and searching on any
+    subset of the orders can only overstate ε: every σ found on a subset is safe. The search
+    brackets σ on a coarse subset, locates the best order by ternary search, solves on a window
+    of orders around it, and re-centres the window until the best order is strictly inside.
+    """
+    orders = _reachable_orders(target, delta, psi, orders, orders_given)
+    lo, hi = _coarse_bracket(target, q, steps, delta, psi, orders, orders_given)
     # 3. Root search on a window of orders, re-centred until the best order is inside it.
     memo: dict[tuple[float, int], float] = {}
     best = _best_order(hi, q, steps, delta, psi, orders)
