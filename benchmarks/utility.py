@@ -264,13 +264,16 @@ def run_one(
     seed: int,
     lr: float,
     steps: int,
+    clip_norm: float | None = None,
 ) -> dict[str, Any]:
-    """Train the head with ``method`` through the job's trainers; returns the measured row."""
+    """Train the head with ``method`` through the job's trainers; returns the measured row.
+
+    ``clip_norm`` overrides the method's default clip norm (:func:`_clip_norm`)."""
     feats.reset(seed)
     before = feats.accuracy("test")
     _reset_peak_rss()
     started = time.monotonic()
-    clip = _clip_norm(method, k)
+    clip = _clip_norm(method, k) if clip_norm is None else clip_norm
     done, privacy, eps_spent = 0, {}, 0.0
     if method != "zeroshot":
         settings = _settings(method, k, epsilon, seed, lr, steps, clip)
