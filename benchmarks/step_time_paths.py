@@ -25,6 +25,10 @@ Sections (``--sections``, default all three):
   ``hooks_rademacher``          DPAggZO(directions="rademacher")
   ``hooks_forward``             DPAggZO(difference="forward")
   ``hooks_rademacher_forward``  DPAggZO(directions="rademacher", difference="forward")
+  ``hooks_buffer``              DPAggZO(direction_buffer=True): each Gaussian z_k generated once
+                                for both probes (2K generations instead of 3K)
+  ``hooks_lowrank``             DPAggZO(directions="lowrank", direction_rank=2): factors generated
+                                once per step and kept (K generations)
   ============================  =================================================================
 
   Speed-ups at identical maths: hooks and inplace vs paper, hooks_rademacher vs
@@ -111,10 +115,14 @@ PATHS = (
     "hooks_rademacher",
     "hooks_forward",
     "hooks_rademacher_forward",
+    "hooks_buffer",
+    "hooks_lowrank",
 )
 REFERENCE = {
     "inplace": "paper",
     "hooks": "paper",
+    "hooks_buffer": "paper",
+    "hooks_lowrank": "paper",
     "hooks_rademacher": "paper_rademacher",
     "hooks_forward": "paper_forward",
 }
@@ -131,6 +139,8 @@ OPTIONS = {
     "hooks_rademacher": {"directions": "rademacher"},
     "hooks_forward": {"difference": "forward"},
     "hooks_rademacher_forward": {"directions": "rademacher", "difference": "forward"},
+    "hooks_buffer": {"direction_buffer": True},
+    "hooks_lowrank": {"directions": "lowrank", "direction_rank": 2},
 }
 
 
@@ -625,6 +635,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         "hooks_rademacher": ("C2", "o-"),
         "hooks_forward": ("C1", "^-"),
         "hooks_rademacher_forward": ("C4", "^-"),
+        "hooks_buffer": ("C5", "d-"),
+        "hooks_lowrank": ("C6", "d-"),
     }
     for ax, model in zip(axes[0], models[:2], strict=False):
         rows = payload["paths"][model]["rows"]
