@@ -119,7 +119,9 @@ def test_help_documents_the_step_options(capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for flag in (
-        "--direction-distribution {gaussian,rademacher}",
+        "--direction-distribution {gaussian,rademacher,lowrank}",
+        "--direction-rank R",
+        "--direction-refresh NU",
         "--difference {central,forward}",
         "--perturbation {auto,hooks,inplace}",
         "--batched-directions M",
@@ -479,6 +481,35 @@ def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeyp
     rows = [json.loads(r) for r in (out / "diagnostics/history.jsonl").read_text().splitlines()]
     assert [r["num_directions"] for r in rows] == [4, 2, 2, 2]
     assert [r["lr"] for r in rows] == [1.0, 0.5, 0.5, 0.5]
+
+
+def test_lowrank_directions_run_through_the_job_and_are_reported(tmp_path, capsys):
+    """--direction-distribution lowrank reaches the optimizer with its rank and refresh period,
+    the report states them, and the options are refused without lowrank."""
+    options = [
+        "--directions",
+        "2",
+        "--direction-distribution",
+        "lowrank",
+        "--direction-rank",
+        "3",
+        "--direction-refresh",
+        "2",
+        "--no-pld",
+        "--steps",
+        "3",
+    ]
+    code, out = finetune_cli(tmp_path, *options)
+    assert code == 0
+    report = read_report(out)
+    assert report["direction_distribution"] == "lowrank"
+    assert (report["direction_rank"], report["direction_refresh"]) == (3, 2)
+    zo = checkpoint_of(out)["training"]["optimizer"]["zoprivacy"]
+    assert zo["directions"] == "lowrank"
+    capsys.readouterr()
+    code, _ = finetune_cli(tmp_path, "--direction-rank", "3", "--no-pld", name="refused")
+    err = capsys.readouterr().err
+    assert code == 2 and "--direction-rank applies to --direction-distribution lowrank" in err
 
 
 def test_a_checkpoint_whose_schedule_differs_from_the_config_is_refused(tmp_path, capsys):

@@ -188,8 +188,16 @@ OPTIONS: tuple[Option, ...] = (
        "each label)", group=USER_GROUP,
        argparse={"metavar": "W1,W2,..."}),
     _O("direction_distribution", "distribution of the directions z: gaussian (default, as in "
-       "the paper) or rademacher (uniform ±1, cheaper to generate; both have E[zzᵀ] = I)",
+       "the paper), rademacher (uniform ±1, cheaper to generate) or lowrank (U Vᵀ/√r per "
+       "weight matrix, generated once per step; see --direction-rank, --direction-refresh); "
+       "all have E[zzᵀ] = I",
        default="gaussian", trainer="gaussian", argparse={"choices": DIRECTION_KINDS}, **_STEP),
+    _O("direction_rank", "rank r of --direction-distribution lowrank: z = U Vᵀ/√r per weight "
+       "matrix (default 2; LOZO, Chen et al. 2025)", int, trainer=None,
+       argparse={"metavar": "R"}, **_STEP),
+    _O("direction_refresh", "lazy sampling of --direction-distribution lowrank: V is redrawn "
+       "every NU steps, U at every step (default 1)", int, trainer=None,
+       argparse={"metavar": "NU"}, **_STEP),
     _O("difference", "central (default): (L(θ+φz) − L(θ−φz))/2φ, 2K forward passes; forward: "
        "(L(θ+φz) − L(θ))/φ, K + 1 passes (same clipping and privacy)", default="central",
        trainer="central", argparse={"choices": DIFFERENCES}, **_STEP),

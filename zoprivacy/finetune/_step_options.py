@@ -163,6 +163,17 @@ def _check_step(cfg: Any) -> None:
         f"--direction-distribution must be one of {', '.join(DIRECTION_KINDS)}, "
         f"got {cfg.direction_distribution!r}",
     )
+    for flag, value in (("rank", cfg.direction_rank), ("refresh", cfg.direction_refresh)):
+        if value is None:
+            continue
+        need(
+            cfg.direction_distribution == "lowrank",
+            f"--direction-{flag} applies to --direction-distribution lowrank only",
+        )
+        need(
+            isinstance(value, int) and value >= 1,
+            f"--direction-{flag} must be an int >= 1, got {value!r}",
+        )
     need(
         cfg.difference in DIFFERENCES,
         f"--difference must be central or forward, got {cfg.difference!r}",
@@ -259,6 +270,8 @@ def step_report(cfg: Any, trainer: Any) -> dict[str, Any]:
         stages = [first, *cfg.stages]
     return {
         "direction_distribution": cfg.direction_distribution,
+        "direction_rank": None if optimizer is None else optimizer.direction_rank,
+        "direction_refresh": None if optimizer is None else optimizer.direction_refresh,
         "difference": cfg.difference,
         "perturbation": cfg.perturbation,
         "perturbation_path": None if optimizer is None else optimizer.perturbation_path,

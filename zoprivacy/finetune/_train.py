@@ -157,6 +157,8 @@ class ZerothOrderTrainer(_Trainer):
             ),
             "perturbation": settings.perturbation,
             "directions": settings.direction_distribution,
+            "direction_rank": settings.direction_rank,
+            "direction_refresh": settings.direction_refresh,
             "difference": settings.difference,
             "mask": build_mask(settings.mask, settings.seed),
             "batched_directions": settings.batched_directions,

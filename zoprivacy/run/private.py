@@ -145,6 +145,16 @@ class PrivateTraining:
         return atomic_save(self.state_dict(), path)
 
 
+#: make_private's arguments that are passed to :class:`DPAggZO` unchanged.
+_OPTIMIZER_OPTIONS = frozenset(
+    {
+        "lr", "num_directions", "clip_norm", "perturbation_scale", "seed", "noise_seed",
+        "weight_decay", "process_group", "perturbation", "directions", "direction_rank",
+        "direction_refresh", "direction_buffer", "difference", "mask", "batched_directions",
+    }
+)  # fmt: skip
+
+
 class AbandonedStepWarning(UserWarning):
     """A resume found steps that died mid-way; they were charged to the accountant."""
 
@@ -174,6 +184,9 @@ def make_private(
     process_group: Any = None,
     perturbation: str = "auto",
     directions: str = "gaussian",
+    direction_rank: int | None = None,
+    direction_refresh: int | None = None,
+    direction_buffer: bool = False,
     difference: str = "central",
     mask: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
     batched_directions: int | None = None,
@@ -209,7 +222,8 @@ def make_private(
             to :class:`DPAggZO`; ``num_directions``, ``clip_norm`` and ``perturbation_scale`` may
             be schedules (DP-ZOSO, e.g. :class:`~zoprivacy.Stagewise`). σ is the
             calibrated constant (the calibration assumes one σ for every step).
-        perturbation, directions, difference, mask, batched_directions: the speed and DP-ZOPO
+        perturbation, directions, direction_rank, direction_refresh, direction_buffer,
+        difference, mask, batched_directions: the speed, low-rank and DP-ZOPO
             options of :class:`DPAggZO`, passed to it. On resume the checkpoint's values win (as
             for the constants above); a schedule or mask passed with ``checkpoint`` is checked
             against the checkpoint's (library schedules and masks are saved in it and restored
@@ -263,21 +277,7 @@ def make_private(
     delta = check.delta(target_delta, "target_delta")
     planned = dict(epsilon=eps, delta=delta, steps=steps, size_fraction=size_fraction)
     planned.update(expected_batch_size=expected_batch_size, sample_rate=sample_rate)
-    options = dict(
-        lr=lr,
-        num_directions=num_directions,
-        clip_norm=clip_norm,
-        perturbation_scale=perturbation_scale,
-        seed=seed,
-        noise_seed=noise_seed,
-        weight_decay=weight_decay,
-        process_group=process_group,
-        perturbation=perturbation,
-        directions=directions,
-        difference=difference,
-        mask=mask,
-        batched_directions=batched_directions,
-    )
+    options = {name: value for name, value in locals().items() if name in _OPTIMIZER_OPTIONS}
     return _start(params, dataset, planned, options, journal, resume, loader)
 
 
