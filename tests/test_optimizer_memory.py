@@ -1,4 +1,4 @@
-"""Peak extra memory of one DP-AggZO step does not grow with K (DESIGN.md, Memory).
+"""Peak extra memory of one DP-AggZO step does not grow with K (docs/design.md, Memory).
 
 How it is measured: ``tracemalloc`` does not see torch's allocator, and process RSS is dominated
 by the interpreter and by allocator caching. Instead the step runs under

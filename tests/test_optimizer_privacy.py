@@ -1,4 +1,4 @@
-"""Privacy invariants of DP-AggZO (DESIGN.md): sensitivity c, noise σc, normalisation by b,
+"""Privacy invariants of DP-AggZO (docs/design.md): sensitivity c, noise σc, normalisation by b,
 empty batches, independence of the noise from the public direction seed, accountant hook.
 
 The release tests run for every direction kind: the directions are public, so the released

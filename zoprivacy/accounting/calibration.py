@@ -1,4 +1,4 @@
-"""Calibration: the smallest noise multiplier that meets a target (ε, δ) (DESIGN.md, calibration).
+"""Calibration: the smallest noise multiplier that meets a target (ε, δ) (docs/design.md).
 
 The dataset-size release gets ``size_fraction`` of ε as pure DP, ψ = 1/(size_fraction·ε), as in the
 paper (5%); the noise multiplier σ is then the smallest one whose *jointly composed* guarantee

@@ -1,7 +1,8 @@
 """Rényi orders used by default, and their extension for small privacy targets.
 
 Why these: the best order for ε between ~0.5 and ~10 sits between 1.5 and ~40, where integer-only
-grids cost up to ~19% in ε (DESIGN.md, numerics), hence the fine fractional grid at small orders.
+grids cost up to ~19% in ε (docs/design.md, numerics): hence the fine fractional grid at small
+orders.
 Small targets need large orders: the conversion term of Lemma 8 alone is about
 (log(1/δ) − log α)/(α − 1), which floors ε near 0.02 at α = 256 and δ = 1e-5 however large σ is,
 so the default list reaches 1024 and :func:`extended_orders` goes further on demand.

@@ -111,7 +111,7 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
         = 1 + Σ_{h=2}^{α} C(α,h) (1−q)^{α−h} q^h expm1(h(h−1)/(2σ²)),
     because the h = 0 and h = 1 exponents vanish and the binomial weights sum to 1. Lemma 5 taken
     literally subtracts nearly equal numbers when the RDP is tiny (large σ, small q); this form
-    stays accurate to ~1e-13 relative (DESIGN.md, numerics).
+    stays accurate to ~1e-13 relative (docs/design.md, numerics).
     """
     h, log_weights = _integer_weights(q, alpha)
     log_terms = log_weights + _log_expm1(h * (h - 1.0) / (2.0 * (sigma * sigma)))

@@ -214,7 +214,7 @@ def _guarantee_lines(
     mechanism: tuple[Any, ...],
     held_out_private: bool,
 ) -> list[str]:
-    """DESIGN.md: ñ = n + Lap(ψ) once, then T subsampled-Gaussian steps, composed (Lemma 5)."""
+    """docs/design.md: ñ = n + Lap(ψ) once, then T subsampled-Gaussian steps, composed (Lemma 5)."""
     steps, q, sigma, c = mechanism
     known = [
         f"{name} = {_fmt(v)}"

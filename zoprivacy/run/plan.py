@@ -4,7 +4,7 @@ Every private entry point (:func:`zoprivacy.make_private`, the ``zoprivacy finet
 zeroth-order and DP-AdamW trainers, data-parallel runs) calls :func:`plan_run` and nothing else
 to sequence Algorithm 1's lines 1-2 with the calibration of Lemma 5:
 
-1. ψ = 1 / (size_fraction · ε) (DESIGN.md: the size release gets ``size_fraction`` of ε);
+1. ψ = 1 / (size_fraction · ε) (docs/design.md: the size release gets ``size_fraction`` of ε);
 2. ñ = max(1, n + Lap(ψ)) is released once and charged to the accountant *before* the noise is
    drawn (:func:`zoprivacy.data.release_size`, or a caller-supplied ``release``);
 3. q = min(1, b/ñ) when the caller gives a wanted expected batch size b (or q directly);
