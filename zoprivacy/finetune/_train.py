@@ -46,6 +46,7 @@ from zoprivacy.tasks import collate_trimmed
 
 from ._methods import METHODS, PRIVATE_METHODS, TRAINING_METHODS, ZO_METHODS
 from ._options import TrainSettings
+from ._per_record import per_record_gradients, rows_are_records
 from ._setup import Classifier
 from ._step_options import build_mask, schedule
 
@@ -390,8 +391,8 @@ class FirstOrderTrainer(_Trainer):
         self._steps_done += 1
         return diag
 
-    def _forward_losses(self, batch: Any) -> torch.Tensor:
-        output = self.net(batch)
+    def _forward_losses(self, batch: Any, net: torch.nn.Module | None = None) -> torch.Tensor:
+        output = (self.net if net is None else net)(batch)
         losses = getattr(self.classifier, "output_losses", None)  # Classifier: on its device
         if losses is not None:
             return losses(output, batch)
@@ -415,17 +416,37 @@ class FirstOrderTrainer(_Trainer):
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
             return _diag(math.nan, 0.0, 0.0, 0.0, 0)
-        losses = self._forward_losses(batch)
-        with warnings.catch_warnings():
-            # cached (frozen) inputs do not require gradients; Opacus's hooks still fire
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.mean().backward()
+        losses = self._grad_samples(batch)
         # eqs. 26/27 of the per-sample gradients, clipped as Opacus does: min(1, c/(‖g‖ + 1e-6))
         fraction, max_err, batch_err = clipping_errors(
             [p.grad_sample for p in self.params], self.settings.clip_norm, stability=1e-6
         )
         opt.step()
         return _diag(float(losses.detach().mean()), fraction, batch_err, max_err, len(losses))
+
+    def _grad_samples(self, batch: Any) -> torch.Tensor:
+        """Set each trainable parameter's ``grad_sample`` (row i: the gradient of record i's loss)
+        and return the per-record losses. Opacus's layer hooks give them in one backward pass;
+        when a layer's rows are not records (OPT flattens ``[B, T, H]`` to ``[B·T, H]`` before
+        its MLP; :mod:`zoprivacy.finetune._per_record`), the hooks are removed for good and every
+        step takes one backward pass per record instead."""
+        if self.net is not self.module:  # Opacus's hooks are still on
+            losses = self._forward_losses(batch)
+            with warnings.catch_warnings():
+                # cached (frozen) inputs do not require gradients; Opacus's hooks still fire
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                losses.mean().backward()
+            if rows_are_records(self.params, len(losses)):
+                return losses
+            self.net._close()  # removes the hooks and the token-row grad_samples
+            self.net = self.module
+            self.optimizer.zero_grad(set_to_none=True)
+        losses, samples = per_record_gradients(
+            lambda one: self._forward_losses(one, self.module), batch, self.params
+        )
+        for p, sample in zip(self.params, samples, strict=True):
+            p.grad_sample = sample
+        return losses
 
     def save(self, path: Any) -> None:
         adamw = self.optimizer.original_optimizer if self.private else self.optimizer
@@ -465,7 +486,7 @@ class FirstOrderTrainer(_Trainer):
 
     def close(self) -> None:
         """Remove Opacus's hooks from the model (evaluation then runs the plain model)."""
-        if self.private:
+        if self.private and self.net is not self.module:
             self.net._close()
 
 
