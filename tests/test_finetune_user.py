@@ -349,3 +349,62 @@ def test_ctrl_c_while_caching_prints_the_resume_hint(tmp_path, folders, monkeypa
     assert code == 130
     err = capsys.readouterr().err
     assert f"--output {out} --resume" in err and "no privacy budget spent" in err
+
+
+# ------------------------------------------------------------------ DP-AdamW per-record gradients
+
+
+def _without_dropout(family: str, folder):
+    """The family's tiny model, all dropout off (so a record's gradient is reproducible)."""
+    build, pad, side = _families()[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build()
+    for key, value in model.config.to_dict().items():
+        if "drop" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    model.save_pretrained(folder)
+    _tokenizer(pad=pad, side=side).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family, hooks", [("opt", False), ("gpt2", True)])
+def test_dpadamw_generation_clips_per_record_gradients(tmp_path, monkeypatch, family, hooks):
+    """Issue 15: OPT flattens [B, T, H] to [B·T, H] before its MLP, so Opacus's layer hooks gave
+    token rows ("Expected size 11 but got size 55"). Every row DP-AdamW clips must be the gradient
+    of one record's loss alone, computed here by Hugging Face's own causal-LM loss."""
+    folder = _without_dropout(family, tmp_path / family)
+    seen = []
+    real = _train.FirstOrderTrainer._grad_samples
+
+    def spy(self, batch):
+        losses = real(self, batch)
+        model = self.classifier.model
+        names = {id(p): n for n, p in model.named_parameters()}
+        samples = {names[id(p)]: p.grad_sample.detach().clone() for p in self.params}
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seen.append((dict(batch), samples, state, self.net is not self.module))
+        return losses
+
+    monkeypatch.setattr(_train.FirstOrderTrainer, "_grad_samples", spy)
+    train, test = _files(tmp_path, ".csv", generation=True)
+    code, _ = _run(
+        tmp_path, folder, train, test, "--target-column", "answer", "--method", "dpadamw",
+        "--trainable", "last1",
+    )  # fmt: skip
+    assert code == 0
+    checked = 0
+    for batch, samples, state, hooked in seen:
+        assert hooked == hooks  # Opacus's hooks kept only where their rows are records
+        reference = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        reference.load_state_dict(state)
+        params = dict(reference.named_parameters())
+        for i in range(batch["input_ids"].shape[0]):
+            real_tokens = batch["attention_mask"][i].bool()
+            ids, labels = batch["input_ids"][i][real_tokens], batch["labels"][i][real_tokens]
+            loss = reference(input_ids=ids[None], labels=labels[None].long()).loss
+            grads = torch.autograd.grad(loss, [params[n] for n in samples])
+            for name, grad in zip(samples, grads, strict=True):
+                torch.testing.assert_close(samples[name][i], grad, rtol=1e-4, atol=1e-5)
+        checked += batch["input_ids"].shape[0] >= 2
+    assert checked  # at least one batch of two or more records
