@@ -39,6 +39,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,9 @@ def measure(
 ) -> tuple[dict[str, Any], list[float]]:
     """One configuration: warm-up step, then ``repeats`` × (step, 2 forwards); the row and the
     forward times of this window."""
-    from zoprivacy import DPAggZO
+    from zoprivacy import DPAggZO, PredictableNoiseWarning
 
+    warnings.simplefilter("ignore", PredictableNoiseWarning)  # noise_seed=0: timing only
     params = [p for p in work.model.parameters() if p.requires_grad]
     opt = DPAggZO(
         params, LR, num_directions=k, clip_norm=CLIP, noise_multiplier=SIGMA,
