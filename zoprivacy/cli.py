@@ -5,6 +5,12 @@
 
 Each prints a small table (σ, ψ, ε by RDP, ε by PLD, best order) or, with ``--json``, one JSON
 object. Bad input gives one line on stderr and exit status 2, never a traceback.
+
+``zoprivacy finetune --threads N`` with N > 1 runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the
+variable is set: OpenMP reads it once, when torch loads its runtime, so the command re-executes
+itself with the variable set (:func:`ensure_passive_wait`). Otherwise OpenMP's idle threads spin
+between parallel regions and hold the cores, which slows the direction generator's threads and
+any other process on the machine (``benchmarks/README_speed.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -188,10 +195,64 @@ def _is_number(text: str) -> bool:
     return True
 
 
+#: The value ``zoprivacy finetune --threads N`` (N > 1) gives an unset ``OMP_WAIT_POLICY``.
+OMP_WAIT_POLICY = "PASSIVE"
+_STATE = {"program": False, "warned": False}  # main() runs as the program; warned once
+
+
+def requested_threads(argv: Sequence[str]) -> int | None:
+    """N of ``finetune ... --threads N`` (or ``--threads=N``) in ``argv`` (the last one, as
+    argparse takes it); None for another command, without the flag or with a non-integer value
+    (argparse reports that). A cheap scan, run before anything is parsed or loaded."""
+    tokens = list(argv)
+    if not tokens or tokens[0] != "finetune":
+        return None
+    value = None
+    for i, token in enumerate(tokens):
+        if token == "--threads" and i + 1 < len(tokens):
+            value = tokens[i + 1]
+        elif token.startswith("--threads="):
+            value = token.split("=", 1)[1]
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def ensure_passive_wait(threads: int | None) -> None:
+    """With more than one thread and ``OMP_WAIT_POLICY`` unset: re-execute the command with
+    ``OMP_WAIT_POLICY=PASSIVE`` when :func:`main` runs as the program (``zoprivacy ...`` or
+    ``python -m zoprivacy.cli ...``; does not return), else warn once that it cannot be set in
+    this process (torch, hence OpenMP, is loaded already) and how to set it."""
+    if threads is None or threads <= 1 or "OMP_WAIT_POLICY" in os.environ:
+        return
+    orig_argv = getattr(sys, "orig_argv", None)
+    if _STATE["program"] and os.name == "posix" and orig_argv:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        env = {**os.environ, "OMP_WAIT_POLICY": OMP_WAIT_POLICY}
+        os.execve(sys.executable, [sys.executable, *orig_argv[1:]], env)
+    if not _STATE["warned"]:
+        _STATE["warned"] = True
+        warnings.warn(
+            f"zoprivacy finetune: {threads} threads with OMP_WAIT_POLICY unset, and it cannot "
+            "be set in this process (OpenMP read it when torch loaded): idle OpenMP threads "
+            "will spin and hold the cores. Start Python with OMP_WAIT_POLICY=PASSIVE in the "
+            "environment (the zoprivacy command sets it itself).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``, as the program); returns the
+    exit status."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    _STATE["program"] = argv is None
+    ensure_passive_wait(requested_threads(tokens))
     _load_optional_commands()
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_join_negative_values(tokens))
     try:
         result = args.run(args)
     except (ValueError, TypeError, ImportError, RuntimeError) as exc:

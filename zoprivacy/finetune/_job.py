@@ -28,7 +28,7 @@ import torch
 
 from zoprivacy import __version__
 from zoprivacy.accounting import PrivacyBudgetExceeded
-from zoprivacy.cli import pld_epsilon_or_none
+from zoprivacy.cli import ensure_passive_wait, pld_epsilon_or_none
 from zoprivacy.tasks import TensorDictDataset
 
 from . import _outputs as out
@@ -156,6 +156,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
     resume = bool(getattr(args, "resume", False))
     root = Path(cfg.output)
     _check_output(root, resume)
+    ensure_passive_wait(cfg.threads)  # e.g. threads from --config: before anything is written
     torch.set_num_threads(cfg.threads)
     root.mkdir(parents=True, exist_ok=True)
     out.write_json(root / out.CONFIG_FILE, cfg.run_dict())
