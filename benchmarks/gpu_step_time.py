@@ -20,8 +20,8 @@ row                   configuration                                     generati
 ``torch.cuda.synchronize()`` before and after each timed call (the step reads its losses back to
 the CPU anyway), after one warm-up step per configuration (path discovery, kernel caches). Each
 configuration's steps are followed by forward passes in the same window; the forward time is the
-median over all of them. The whole run is about 1-3 minutes on one H100 (model loading included;
-the first SmolLM2 load converts the packaged GGUF file, 20-40 s).
+median over all of them. The whole run is expected to take 1-3 minutes on one H100 (an estimate:
+it has not run on a GPU yet; the first SmolLM2 load converts the packaged GGUF file, 20-40 s).
 
 Run: ``python -m benchmarks.gpu_step_time --output DIR`` → ``DIR/gpu_step_time.json`` (device
 name, torch and CUDA versions, one row per model × dtype × configuration). ``--quick``: a tiny
@@ -197,7 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--batch-size", type=int, default=16, help="records per step (16)")
     parser.add_argument("-k", "--k", type=int, default=16, help="directions K (16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per config (5)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per config (3)")
     parser.add_argument("--quick", action="store_true", help="tiny MLP on the CPU (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
