@@ -269,9 +269,9 @@ class Classifier:
         task (``labels`` then holds the target tokens, -100 elsewhere).
         """
         if self.kind == "classifier":
-            if pairs is None:
-                return tasks.encode_classification(self.tokenizer, texts, labels, self.max_length)
-            return _encode_pairs(self.tokenizer, texts, pairs, labels, self.max_length)
+            return tasks.encode_classification(
+                self.tokenizer, texts, labels, self.max_length, pairs=pairs
+            )
         if pairs is not None:
             texts = [f"{t}\n{p}" for t, p in zip(texts, pairs, strict=True)]
         if self.generation:
@@ -581,27 +581,6 @@ class Classifier:
         finally:
             self.model.train(was_training)
         return correct / n if n else math.nan
-
-
-def _encode_pairs(
-    tokenizer: Any,
-    texts: Sequence[str],
-    pairs: Sequence[str],
-    labels: Sequence[int] | None,
-    max_length: int,
-) -> dict[str, torch.Tensor]:
-    """Text pairs (NLI-style) for a sequence classifier: the tokenizer's own pair encoding."""
-    enc = tokenizer(
-        list(texts),
-        list(pairs),
-        truncation=True,
-        max_length=max_length,
-        padding="longest",
-        return_tensors="pt",
-    )
-    batch = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    batch["labels"] = torch.as_tensor(list(labels or ()), dtype=torch.long)
-    return batch
 
 
 class _LogitsModule(nn.Module):

@@ -44,18 +44,27 @@ def _require_pad_token(tokenizer: Any) -> None:
 
 
 def encode_classification(
-    tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int,
+    *,
+    pairs: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenise texts for ``AutoModelForSequenceClassification``.
+    """Tokenise texts (or, with ``pairs``, NLI-style text pairs, in the tokenizer's own pair
+    encoding) for ``AutoModelForSequenceClassification``.
 
     Returns:
         ``{"input_ids", "attention_mask", ["token_type_ids"], "labels"}``, tensors with one row
         per text, truncated to ``max_length`` tokens and padded to the longest one.
     """
     _check_texts_labels(texts, labels)
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"texts and pairs differ in length: {len(texts)} != {len(pairs)}")
     _require_pad_token(tokenizer)
     enc = tokenizer(
         list(texts),
+        None if pairs is None else list(pairs),
         truncation=True,
         max_length=max_length,
         padding="longest",
