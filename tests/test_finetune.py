@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,13 +105,38 @@ def test_step_options_defaults_and_normal_form():
         "largest": False,
     }
     # every stage holds all its values; a key not given keeps the previous stage's value
+    # (the run's own c is bbc_news' default β/√K = 0.4/√16)
     assert cfg.stages == [
-        {"from_step": 100, "directions": 4, "clip_norm": 0.2, "lr": 0.5,
+        {"from_step": 100, "directions": 4, "clip_norm": 0.1, "lr": 0.5,
          "perturbation_scale": 1e-3},
         {"from_step": 300, "directions": 4, "clip_norm": 0.05, "lr": 0.5,
          "perturbation_scale": 1e-4},
     ]  # fmt: skip
     assert {"direction_distribution", "mask", "stages"} <= set(cfg.run_dict())
+
+
+@pytest.mark.parametrize("task", ["bbc_news", "rotten_tomatoes", None])
+@pytest.mark.parametrize("method", ["dpaggzo", "dpzo", "mezo", "dpadamw", "adamw"])
+def test_defaults_are_the_committed_validation_selection(task, method, tmp_path):
+    """The job's default η (and DP-AggZO's β) are what benchmarks/select_defaults.py selected on
+    the validation split (the committed results file); the user's own data takes BBC's."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/default_selection.json"
+    selection = json.loads(results.read_text())
+    assert selection["selected_on"] == "validation"
+    cell = selection["tasks"][task or "bbc_news"][method]
+    chosen = cell["selected"]
+    top = max(p["validation_accuracy"] for p in cell["grid"])
+    assert chosen["validation_accuracy"] == top  # the selection is the validation maximum
+    if task is None:
+        data = tmp_path / "train.csv"
+        data.write_text("text,label\na,x\nb,y\n")
+        cfg = resolve("--method", method, "--model", "minilm", "--train-file", str(data),
+                      "--labels", "x,y", "--test-size", "1")  # fmt: skip
+    else:
+        cfg = resolve("--method", method, "--task", task)
+    assert cfg.lr == chosen["lr"]
+    if method == "dpaggzo":
+        assert cfg.clip_norm == pytest.approx(chosen["clip_beta"] / math.sqrt(cfg.directions))
 
 
 def test_help_documents_the_step_options(capsys):
@@ -464,7 +490,7 @@ def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeyp
     assert all(s.directions == "rademacher" and s.difference == "forward" for s in stats)
     assert all(s.perturbation_path == "hooks" for s in stats)
     assert [s.num_directions for s in stats] == [4, 2, 2, 2]
-    assert [lr for _, lr, _ in seen] == [1.0, 0.5, 0.5, 0.5]
+    assert [lr for _, lr, _ in seen] == [3.0, 0.5, 0.5, 0.5]  # rotten_tomatoes' default η: 3
     assert [s.clip_norm for s in stats] == pytest.approx([0.4, 0.4, 0.4, 0.1])
     assert [s.perturbation_scale for s in stats] == [1e-3, 1e-3, 1e-3, 1e-2]
     from zoprivacy.optim.masks import MagnitudeMask
@@ -480,7 +506,7 @@ def test_step_options_reach_the_optimizer_and_survive_a_resume(tmp_path, monkeyp
     assert "DP-ZOSO stages" in card and "0.1 from step 3" in card
     rows = [json.loads(r) for r in (out / "diagnostics/history.jsonl").read_text().splitlines()]
     assert [r["num_directions"] for r in rows] == [4, 2, 2, 2]
-    assert [r["lr"] for r in rows] == [1.0, 0.5, 0.5, 0.5]
+    assert [r["lr"] for r in rows] == [3.0, 0.5, 0.5, 0.5]
 
 
 def test_lowrank_directions_run_through_the_job_and_are_reported(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _outputs as out
-from ._methods import METHOD_DEFAULTS, METHODS, TRAINABLE_DEFAULTS, ZO_METHODS
+from ._methods import METHODS, TRAINABLE_DEFAULTS, ZO_METHODS, method_defaults
 from ._options import (
     ADDED_OPTIONS,
     BY_NAME,
@@ -193,9 +193,10 @@ def _folder_kind(model: str) -> str | None:
 
 
 def _method_defaults(values: dict[str, Any]) -> None:
-    """K, c = β/√K, η and T from :data:`METHOD_DEFAULTS` where not given."""
+    """K, c = β/√K, η and T from :func:`method_defaults` (the validation selection of the
+    packaged task, or of the default task for the user's own data) where not given."""
     method = values["method"]
-    md = METHOD_DEFAULTS[method]
+    md = method_defaults(method, None if values["train_file"] is not None else values["task"])
     if values["directions"] is None:
         values["directions"] = md["directions"]
     k = values["directions"]
