@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
+from tests.conftest import seeded_mlp
 from zoprivacy import DPAggZO, MagnitudeMask, RandomMask, Stagewise, is_empty_batch, make_private
 from zoprivacy.data.poisson import PredictableSamplingWarning
 from zoprivacy.distributed import DataParallel, DistributedPoissonSampler, parameter_digest
@@ -84,10 +85,7 @@ def _data(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
 def _model() -> torch.nn.Module:
     """float64, so that the finite differences (loss rounding × 1/(2φ)) are exact enough to
     compare runs whose forward passes see different batch compositions."""
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    return model.double()
+    return seeded_mlp(5, 8, 1, seed=1, dtype=torch.float64)
 
 
 def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,7 +239,6 @@ def _scenario_crash(rank: int, out: Path, result: dict[str, Any]) -> None:
             raise ValueError("bad record on rank 1")
         return _batch_losses(model, batch)
 
-    start = time.monotonic()
     try:
         run.optimizer.step(failing)
     except Exception as exc:
@@ -250,7 +247,6 @@ def _scenario_crash(rank: int, out: Path, result: dict[str, Any]) -> None:
             "message": str(exc),
             "recoverable": getattr(exc, "recoverable", None),
             "peer": getattr(exc, "peer_rank", None),
-            "elapsed": time.monotonic() - start,
         }
     result["steps_after_clean"] = run.optimizer.steps_taken
     result["digest_after_clean"] = parameter_digest(model.parameters())
@@ -261,7 +257,6 @@ def _scenario_crash(rank: int, out: Path, result: dict[str, Any]) -> None:
             os._exit(3)
         return _batch_losses(model, batch)
 
-    start = time.monotonic()
     try:
         run.optimizer.step(dying)
         result["dead"] = None
@@ -271,7 +266,6 @@ def _scenario_crash(rank: int, out: Path, result: dict[str, Any]) -> None:
             "message": str(exc),
             "recoverable": getattr(exc, "recoverable", None),
         }
-    result["dead_elapsed"] = time.monotonic() - start
     result["steps_after_dead"] = run.optimizer.steps_taken
     result["no_barrier"] = True
 
@@ -407,11 +401,11 @@ def test_a_failing_or_dead_rank_fails_the_other_quickly_and_the_checkpoint_loads
     assert r0["clean"]["peer"] == 1 and "step 1" in r0["clean"]["message"]
     assert r0["steps_after_clean"] == r1["steps_after_clean"] == 1
     assert r0["digest_after_clean"] == r1["digest_after_clean"]
-    # Rank 1 dies inside its closure: rank 0 fails with a clear error well within the timeout.
+    # Rank 1 dies inside its closure: rank 0 fails with a clear error that names the dead peer
+    # (the peer-gone detection, not the process group's timeout, which says nothing of a peer).
     dead = r0["dead"]
     assert dead["type"] == "PeerFailure" and dead["recoverable"] is False
     assert "step 1" in dead["message"] and "peer rank is gone" in dead["message"]
-    assert r0["dead_elapsed"] < TIMEOUT_S
     assert r0["steps_after_dead"] == 1
     # The checkpoint written by rank 0 after the first step resumes in one process.
     x, y = _data(64)

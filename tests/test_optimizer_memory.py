@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tests.conftest import seeded_mlp
 from zoprivacy.optim.optimizer import DPAggZO
 
 pytestmark = pytest.mark.filterwarnings("ignore::zoprivacy.noise.source.PredictableNoiseWarning")
@@ -38,11 +39,8 @@ def _peak_live_bytes(fn) -> int:
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
     # ~3 MiB of float32 parameters, largest tensor 2 MiB (half that in bfloat16)
-    return torch.nn.Sequential(
-        torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)
-    ).to(dtype)
+    return seeded_mlp(512, 1024, 256, seed=0, dtype=dtype)
 
 
 def _measure(K: int, dtype: torch.dtype) -> tuple[int, int, int]:
