@@ -193,11 +193,7 @@ class DPAggZO(torch.optim.Optimizer):
         self._batched = check_batched(batched_directions, self._perturbation)
         check_mode(spec, expected_batch_size, accountant, sample_rate)
         super().__init__(params, defaults)
-        if not self._trainable():
-            raise ValueError(
-                "params contains no tensor with requires_grad=True: nothing to optimise. Pass the "
-                "trainable parameters (e.g. [p for p in model.parameters() if p.requires_grad])."
-            )
+        self._require_trainable()
         self._spec, self._mask = spec, mask
         self._expected_batch_size, self._sample_rate = expected_batch_size, sample_rate
         self._accountant, self._journal = accountant, None
@@ -213,6 +209,13 @@ class DPAggZO(torch.optim.Optimizer):
         self._warn_if_not_private()
         if self._dp is not None:  # same configuration and bit-identical parameters everywhere
             self._dp.verify(self.config_fingerprint(), [p for p, _ in self._trainable()])
+
+    def _require_trainable(self) -> None:
+        if not self._trainable():
+            raise ValueError(
+                "params contains no tensor with requires_grad=True: nothing to optimise. Pass the "
+                "trainable parameters (e.g. [p for p in model.parameters() if p.requires_grad])."
+            )
 
     def _path_discovery(self) -> PathDiscovery:
         label = "batched" if self._batched else "hooks"
