@@ -67,3 +67,22 @@ def squared_errors(model: torch.nn.Module, batch) -> torch.Tensor:
 def make_mlp():
     """Factory fixture: ``make_mlp(4, 8, 1, seed=0, dtype=...)`` (see :func:`seeded_mlp`)."""
     return seeded_mlp
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """family -> a tiny random model saved with its tokenizer, as ``save_pretrained`` writes
+    (:mod:`tests.tiny_hf`; built once per session)."""
+    pytest.importorskip("transformers")
+    from tests.tiny_hf import _families, _tokenizer
+
+    out = {}
+    for family, (build, pad, side) in _families().items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build()
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        _tokenizer(pad=pad, side=side).save_pretrained(folder)
+        out[family] = folder
+    return out

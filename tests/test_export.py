@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from tests.test_user_model import LABELS, NAMES, TEXTS, _load, _losses_fn, folders  # noqa: F401
+from tests.test_user_model import _load, _losses_fn
+from tests.tiny_hf import LABELS, NAMES, TEXTS
 from zoprivacy import tasks
 from zoprivacy.finetune.export import TASK_FILE, model_card, save_hf_model
 from zoprivacy.finetune.user_model import select_trainable
@@ -24,7 +25,7 @@ pytestmark = [
 ]
 
 
-def _trained(folders, family, spec):  # noqa: F811
+def _trained(folders, family, spec):
     """The loaded model after two DP-AggZO steps on ``spec`` (every trainable tensor moved)."""
     loaded = _load(folders, family)
     selection = select_trainable(loaded, spec, seed=5)
@@ -67,7 +68,7 @@ def _card(kind="classifier", adapter=False, **kw):
 
 @pytest.mark.parametrize(("family", "spec"), [("bert", "head+last1"), ("llama", "head+bias")])
 def test_full_or_partial_fine_tuning_reloads_with_from_pretrained(
-    folders,  # noqa: F811
+    folders,
     tmp_path,
     family,
     spec,
@@ -98,7 +99,7 @@ def test_full_or_partial_fine_tuning_reloads_with_from_pretrained(
     ("family", "spec"), [("bert", "lora:r=2,targets=query+value"), ("opt", "lora:r=2")]
 )
 def test_lora_writes_an_adapter_that_peft_reloads_on_the_base(
-    folders,  # noqa: F811
+    folders,
     tmp_path,
     family,
     spec,
@@ -117,7 +118,7 @@ def test_lora_writes_an_adapter_that_peft_reloads_on_the_base(
     torch.testing.assert_close(_class_logits(again, tok, loaded), expected, rtol=0, atol=1e-6)
 
 
-def test_an_existing_folder_is_not_overwritten_by_default(folders, tmp_path):  # noqa: F811
+def test_an_existing_folder_is_not_overwritten_by_default(folders, tmp_path):
     loaded = _load(folders, "bert")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("x")

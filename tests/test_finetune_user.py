@@ -16,7 +16,7 @@ import signal
 import pytest
 import torch
 
-from tests.test_user_model import _families, _tokenizer
+from tests.tiny_hf import _families, _tokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -58,21 +58,6 @@ def _write(rows: list[dict], path):
     else:
         frame.to_parquet(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """family -> a tiny random model saved with its tokenizer (as save_pretrained writes)."""
-    out = {}
-    for family, (build, pad, side) in _families().items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = build()
-        folder = tmp_path_factory.mktemp(family)
-        model.save_pretrained(folder)
-        _tokenizer(pad=pad, side=side).save_pretrained(folder)
-        out[family] = folder
-    return out
 
 
 @pytest.fixture
