@@ -115,6 +115,9 @@ def main() -> None:
             f"{dp.last_step_bytes} bytes per step in {dp.last_step_collectives} collectives",
             flush=True,
         )
+    # Leave together: a rank that tears its gloo group down while rank 0 is still saving and
+    # evaluating can abort at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
