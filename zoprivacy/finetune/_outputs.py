@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from zoprivacy.run.checkpoint import atomic_write
 
 DIAGNOSTICS_WARNING = (
     "NON-PRIVATE DIAGNOSTICS: the per-step loss, clip fraction, clipping errors and batch sizes "
@@ -75,27 +75,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically (UTF-8)."""
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic(path, write)
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file in the same folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_json(path: Path) -> Any:
@@ -227,7 +207,7 @@ def save_weights(state: Mapping[str, Any], path: Path, metadata: Mapping[str, An
     from safetensors.torch import save_file
 
     meta = {k: str(v) for k, v in metadata.items()}
-    _atomic(path, lambda tmp: save_file(dict(state), tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(dict(state), tmp, metadata=meta))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
