@@ -270,3 +270,34 @@ def test_direction_buffer_with_one_direction_generates_once():
         direction_refresh=None, direction_buffer=True,
     )  # fmt: skip
     assert opt.step(_closure(model)).generations == 4
+
+
+@pytest.mark.parametrize("path", ["hooks", "inplace"])
+def test_probes_are_the_loss_differences_along_the_reference_directions(path):
+    """The fused probe θ ± φ(U/√r)Vᵀ (one addmm per matrix, never the product alone) gives
+    the central differences of the reference directions, on both perturbation paths (no noise,
+    no clipping: S = Σ_x Δ_agg(x))."""
+    model = _model()
+    closure = _closure(model)
+    opt = _opt(model, perturbation=path, noise_multiplier=0.0, clip_norm=1e9)
+    phi = opt.perturbation_scale
+    params = list(model.parameters())
+    base = [p.detach().clone() for p in params]
+    expected = torch.zeros(3, dtype=torch.float64)
+    for k in range(3):
+        zs = [
+            _reference_z(p.shape, seed=11, step=0, k=k, i=i, rank=2, refresh=3)
+            for i, p in enumerate(params)
+        ]
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, p0, z in zip(params, base, zs, strict=True):
+                    p.copy_(p0 + sign * phi * z)
+            losses.append(closure())
+        expected[k] = ((losses[0] - losses[1]) / (2 * phi)).sum() / 3  # Δ_agg = Δ/K (line 12)
+    with torch.no_grad():
+        for p, p0 in zip(params, base, strict=True):
+            p.copy_(p0)
+    stats = opt.step(closure)
+    assert torch.allclose(stats.noisy_sum.double(), expected, rtol=1e-9, atol=1e-9)

@@ -265,15 +265,17 @@ def apply_update(
     """Line 16 plus decoupled weight decay: θ_i ← θ_i(1 − η_i·wd_i) − η_i Σ_k coefs_k z_{k,i}.
 
     ``coefs`` = S / b (S / |B| in MeZO mode); each z_k is regenerated from its public seed into
-    the scratch buffer of its device.
+    the scratch buffer of its device. A low-rank matrix takes the whole sum as one rank-K·r
+    product of its kept factors (:meth:`DirectionStream.add_combination_`).
     """
     for p, lr, wd in zip(params, lrs, weight_decays, strict=True):
         if wd and lr:
             p.mul_(1.0 - lr * wd)
-    for k, coef in enumerate(coefs.tolist()):
+    values = coefs.tolist()
+    rest = [i for i, p in enumerate(params) if lrs[i]]
+    rest = [i for i in rest if not stream.add_combination_(i, params[i], values, -lrs[i])]
+    for k, coef in enumerate(values):
         if coef == 0.0:
             continue
-        for i, p in enumerate(params):
-            if lrs[i]:
-                z = stream.fill(k, i, stream.view(scratch[p.device], i))
-                p.add_(z, alpha=-lrs[i] * coef)
+        for i in rest:
+            stream.add_(k, i, params[i], -lrs[i] * coef, scratch[params[i].device])

@@ -561,6 +561,50 @@ class DirectionStream:
             apply_packed_mask_(out, mask)
         return out
 
+    def perturbed(
+        self, k: int, index: int, base: torch.Tensor, alpha: float, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``base + alpha·z_{k,index}`` into ``out`` (a scratch view, not ``base``).
+
+        A low-rank slice of a matrix is one fused ``addmm`` from its kept factors: the m × n
+        product is never written on its own (one pass over the tensor instead of two).
+        """
+        factors = self._factors(k, index)
+        if factors is not None:
+            return torch.addmm(base, factors[0], factors[1].T, alpha=alpha, out=out)
+        return torch.add(base, self.fill(k, index, out), alpha=alpha, out=out)
+
+    def add_(
+        self, k: int, index: int, target: torch.Tensor, alpha: float, scratch: torch.Tensor
+    ) -> None:
+        """``target += alpha·z_{k,index}`` in place (``scratch``: a flat buffer for z)."""
+        factors = self._factors(k, index)
+        if factors is not None:
+            target.addmm_(factors[0], factors[1].T, alpha=alpha)
+        else:
+            target.add_(self.fill(k, index, self.view(scratch, index)), alpha=alpha)
+
+    def add_combination_(
+        self, index: int, target: torch.Tensor, coefs: Sequence[float], alpha: float
+    ) -> bool:
+        """``target += alpha·Σ_k coefs_k z_{k,index}`` as one rank-K·r product, for a low-rank
+        matrix slice without a mask: Σ_k c_k (U_k/√r) V_kᵀ = [c_0 U_0 … c_{K−1} U_{K−1}]/√r
+        [V_0 … V_{K−1}]ᵀ. Returns False (nothing done) for any other slice."""
+        factors = [self._factors(k, index) for k in range(len(coefs))]
+        if not factors or any(f is None for f in factors):
+            return False
+        us = torch.cat([f[0] * c for f, c in zip(factors, coefs, strict=True)], dim=1)
+        vs = torch.cat([f[1] for f in factors], dim=1)
+        target.addmm_(us, vs.T, alpha=alpha)
+        return True
+
+    def _factors(self, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept (U/√r, V) of a low-rank matrix slice without a mask, else None."""
+        if self.kind != "lowrank" or self.masks[index] is not None:
+            return None
+        kept = self._kept_slice(k, index)
+        return (kept[0], kept[1]) if len(kept) == 2 else None
+
     def _generate(self, k: int, index: int, out: torch.Tensor) -> torch.Tensor:
         kind = "gaussian" if self.kind == "lowrank" else self.kind
         fill_direction_(out, self.seeds(k)[index], self.generator(out.device), kind=kind)

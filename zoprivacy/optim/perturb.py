@@ -353,8 +353,7 @@ class Prober:
         k = self.current_k
         for i, p in enumerate(self.params):
             if self.offsets[i]:
-                z = self.stream.fill(k, i, self.stream.view(scratch[p.device], i))
-                p.add_(z, alpha=-self.offsets[i] * self.phi)
+                self.stream.add_(k, i, p, -self.offsets[i] * self.phi, scratch[p.device])
                 self.offsets[i] = 0
 
     def _move(self, k: int, units: int) -> None:
@@ -363,8 +362,7 @@ class Prober:
         for i, p in enumerate(self.params):
             if not self.inplace[i]:
                 continue
-            z = self.stream.fill(k, i, self.stream.view(scratch[p.device], i))
-            p.add_(z, alpha=units * self.phi)
+            self.stream.add_(k, i, p, units * self.phi, scratch[p.device])
             self.offsets[i] += units
 
     def _move_to(self, k: int, sign: int) -> None:
@@ -390,10 +388,7 @@ class Prober:
                 used[dev] = -(-(start + self.nbytes[i]) // _ALIGN) * _ALIGN
             else:  # the buffer is taken by a larger tensor of this call: a temporary
                 region = torch.empty(self.nbytes[i], dtype=torch.uint8, device=dev)
-            out = self.stream.view(region, i)
-            self.stream.fill(k, i, out)
-            torch.add(p.detach(), out, alpha=alpha, out=out)
-            values[i] = out
+            values[i] = self.stream.perturbed(k, i, p.detach(), alpha, self.stream.view(region, i))
         return values
 
     # ------------------------------------------------------------------ batched directions
