@@ -95,9 +95,8 @@ def utility_grid(task: str, method: str, k: int | None) -> list[dict[str, Any]]:
 
 
 def best(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first point with the highest validation accuracy."""
-    top = max(p["validation_accuracy"] for p in points)
-    return next(p for p in points if p["validation_accuracy"] == top)
+    """The first point with the highest validation accuracy (:func:`utility.first_best`)."""
+    return utility.first_best(points, lambda p: p["validation_accuracy"])
 
 
 def main(argv: list[str] | None = None) -> int:

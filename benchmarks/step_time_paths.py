@@ -269,6 +269,7 @@ class Breakdown:
 
         targets = [
             (directions, "fill_direction_", "generate"),
+            (directions, "lowrank_factors", "generate"),
             (Prober, "_provide", "write"),
             (Prober, "_move", "write"),
             (Prober, "restore", "write"),
@@ -333,7 +334,8 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
     breakdown = Breakdown()
     timed_closure = breakdown.wrap("forward", closure)
     rows = []
-    for path in PATHS:  # warm-up: every code path once at K = 1
+    paths = args.paths or PATHS
+    for path in paths:  # warm-up: every code path once at K = 1
         make_optimizer(path, params, 1, work.batch_size).step(closure)
     for k in ks:
         fwd = forward_time(closure, args.forward_repeats)
@@ -342,7 +344,7 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
         parts: dict[str, list[dict[str, float]]] = defaultdict(list)
         info: dict[str, dict[str, Any]] = {}
         for _ in range(repeats):
-            for path in PATHS:
+            for path in paths:
                 opt = make_optimizer(path, params, k, work.batch_size)
                 if path.startswith("paper"):
                     times[path].append(cpu_time(lambda o=opt: o.step(closure)))
@@ -373,7 +375,7 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
             "paths": {},
             "loadavg": os.getloadavg(),
         }
-        for path in PATHS:
+        for path in paths:
             cpu = statistics.median(t[0] for t in times[path])
             evaluations = k + 1 if path.endswith("forward") else 2 * k
             entry: dict[str, Any] = {
@@ -388,17 +390,21 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
                 med = {c: statistics.median(p[c] for p in parts[path]) for c in parts[path][0]}
                 entry["breakdown_seconds"] = med
                 entry["breakdown_fraction"] = {c: v / cpu for c, v in med.items()}
+                # the Gaussian goal's floor: 2K forwards plus the generations the path needs
+                entry["over_2k_forward_plus_generation"] = cpu / (
+                    2 * k * fwd["cpu"] + med["generate"]
+                )
                 entry.update(info[path])
             row["paths"][path] = entry
-        _add_speedups(row["paths"], REFERENCE, "seconds")
+        present = {a: b for a, b in REFERENCE.items() if a in paths and b in paths}
+        _add_speedups(row["paths"], present, "seconds")
         rows.append(row)
         p = row["paths"]
         print(
             f"[{work.name}] K={k:<3} fwd {fwd['cpu'] * 1e3:7.1f} ms | "
-            + "  ".join(f"{name} {p[name]['over_2k_forward']:.2f}" for name in PATHS)
-            + f" | speed-up hooks {p['hooks']['speedup_vs_paper']:.2f} "
-            f"rad {p['hooks_rademacher']['speedup_vs_paper']:.2f} "
-            f"fwd {p['hooks_forward']['speedup_vs_paper']:.2f}",
+            + "  ".join(f"{name} {p[name]['over_2k_forward']:.2f}" for name in paths)
+            + " | speed-up "
+            + "  ".join(f"{a} {p[a]['speedup_vs_paper']:.2f}" for a in present),
             flush=True,
         )
     return rows
@@ -625,7 +631,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(payload.get("paths", {}))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    rows_of_panels = max(1, -(-len(models) // 2)) + 1
+    fig, axes = plt.subplots(rows_of_panels, 2, figsize=(13, 4.5 * rows_of_panels), squeeze=False)
     styles = {
         "paper": ("k", "s--"),
         "paper_rademacher": ("0.5", "s--"),
@@ -638,10 +645,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         "hooks_buffer": ("C5", "d-"),
         "hooks_lowrank": ("C6", "d-"),
     }
-    for ax, model in zip(axes[0], models[:2], strict=False):
+    for ax, model in zip(axes[:-1].flat, models, strict=False):
         rows = payload["paths"][model]["rows"]
         ks = [r["K"] for r in rows]
-        for name in PATHS:
+        for name in (n for n in PATHS if all(n in r["paths"] for r in rows)):
             color, style = styles[name]
             ax.plot(
                 ks,
@@ -659,16 +666,16 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("step time / (2K × forward time)")
         ax.set_title(
             f"{model}: {payload['paths'][model]['config']['trainable_params']:,} "
-            "trainable, 1 thread",
+            f"trainable, batch {payload['paths'][model]['config']['batch']}, 1 thread",
             fontsize=9,
         )
         ax.legend(fontsize=7, ncol=2)
-    ax = axes[1][0]
+    ax = axes[-1][0]
     if models:
         model = models[0]
         rows = payload["paths"][model]["rows"]
         row = next((r for r in rows if r["K"] == 16), rows[-1])
-        names = [n for n in PATHS if "breakdown_fraction" in row["paths"][n]]
+        names = [n for n in row["paths"] if "breakdown_fraction" in row["paths"][n]]
         bottom = [0.0] * len(names)
         for cat in (*Breakdown.CATEGORIES, "other"):
             vals = [max(0.0, row["paths"][n]["breakdown_seconds"][cat]) for n in names]
@@ -681,7 +688,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{model}, K = {row['K']}: where a step goes", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.legend(fontsize=7)
-    ax = axes[1][1]
+    ax = axes[-1][1]
     labels, values, colors = [], [], []
     for i, (model, rows) in enumerate(payload.get("prefix", {}).items()):
         for r in rows:
@@ -709,11 +716,56 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _builder(build: Callable[..., Workload], batch: int | None) -> Callable[[], Workload]:
+    """``build`` at its own batch size (None) or at ``batch``, then named after the batch."""
+    if batch is None:
+        return build
+
+    def named() -> Workload:
+        work = build(batch_size=batch)
+        work.name = f"{work.name}, batch {batch}"
+        return work
+
+    return named
+
+
+def _store_paths(payload, work: Workload, rows, trainable: int, args, seconds: float) -> None:
+    """Merge a workload's new rows into ``payload["paths"]`` (a K measured again replaces its
+    old row)."""
+    previous = payload.get("paths", {}).get(work.name, {}).get("rows", [])
+    measured = {r["K"] for r in rows}
+    rows = sorted([r for r in previous if r["K"] not in measured] + rows, key=lambda r: r["K"])
+    payload.setdefault("paths", {})[work.name] = {
+        "config": {
+            "trainable_params": trainable,
+            "batch": work.batch_size,
+            "seq_len": int(work.batch["input_ids"].shape[1]),
+            "ks": [r["K"] for r in rows],
+            "paths": args.paths or list(PATHS),
+            "repeats": args.repeats,
+            "repeats_64": args.repeats_64,
+            "clock": "process CPU time",
+            "wall_seconds": seconds,
+        },
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     parser.add_argument("--quick", action="store_true", help="tiny MLP, K in {1, 2}")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument(
+        "--paths", nargs="+", choices=PATHS, help="paths section: only these paths (default all)"
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        help="paths section: batch sizes (default MiniLM 16, SmolLM2 4; others are named "
+        "'<model>, batch N' in the JSON)",
+    )
     parser.add_argument("--sections", nargs="+", default=["paths", "prefix", "batched"])
     parser.add_argument("--ks", type=int, nargs="+", help="K values (default 1 4 16 64)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -745,8 +797,11 @@ def main(argv: list[str] | None = None) -> None:
         works = {"tiny": tiny_workload}
         args.sections = ["paths"]
     else:
-        works = {"minilm": minilm_workload, "smollm2": smollm2_workload}
-        works = {k: v for k, v in works.items() if k in args.models}
+        builders = {"minilm": minilm_workload, "smollm2": smollm2_workload}
+        works = {}
+        for key in (m for m in builders if m in args.models):
+            for batch in args.batches or [None]:
+                works[key if batch is None else f"{key}-{batch}"] = _builder(builders[key], batch)
     if "threads" in args.sections and not args.quick:
         started = time.perf_counter()
         rows = run_threads(args)
@@ -769,24 +824,7 @@ def main(argv: list[str] | None = None) -> None:
         if "paths" in args.sections:
             trainable = set_trainable(work.model, None)
             rows = run_paths(work, ks, args)
-            previous = payload.get("paths", {}).get(work.name, {}).get("rows", [])
-            measured = {r["K"] for r in rows}
-            rows = sorted(
-                [r for r in previous if r["K"] not in measured] + rows, key=lambda r: r["K"]
-            )
-            payload.setdefault("paths", {})[work.name] = {
-                "config": {
-                    "trainable_params": trainable,
-                    "batch": work.batch_size,
-                    "seq_len": int(work.batch["input_ids"].shape[1]),
-                    "ks": [r["K"] for r in rows],
-                    "repeats": args.repeats,
-                    "repeats_64": args.repeats_64,
-                    "clock": "process CPU time",
-                    "wall_seconds": time.perf_counter() - started,
-                },
-                "rows": rows,
-            }
+            _store_paths(payload, work, rows, trainable, args, time.perf_counter() - started)
         if "prefix" in args.sections and key != "tiny":
             payload.setdefault("prefix", {})[work.name] = run_prefix(work, args)
         if "batched" in args.sections and key != "tiny":

@@ -135,11 +135,13 @@ class TaskFeatures:
         max_length: int | None,
         cache_dir: Path | None,
         model: str = "minilm",
+        trainable: str | None = None,
     ) -> None:
         from zoprivacy.finetune import TASK_DEFAULTS, load_classifier, load_task
 
         self.task = task
         self.model = model
+        self.trainable = TRAINABLE[model] if trainable is None else trainable
         defaults = TASK_DEFAULTS[task]
         test_size = defaults["test_size"] if test_size is None else test_size
         max_length = defaults["max_length"] if max_length is None else max_length
@@ -157,13 +159,15 @@ class TaskFeatures:
             "test": len(data.test_texts),
         }
         self.classifier = load_classifier(
-            model, data, trainable=TRAINABLE[model], max_length=max_length, seed=GRID_SEED
+            model, data, trainable=self.trainable, max_length=max_length, seed=GRID_SEED
         )
         clf = self.classifier
-        self._initial = clf.trainable_state()  # SmolLM2: the packaged final norm
+        self._initial = clf.trainable_state()  # the packaged weights (MiniLM: and seed 0's head)
         key = f"{task}-{per_class_train}-{validation_size}-{test_size}-{max_length}-{SPLIT_SEED}"
         if model != "minilm":  # (MiniLM files keep the name of the first runs)
             key = f"{model}-{key}"
+        if self.trainable != TRAINABLE[model]:
+            key = f"{key}-{self.trainable}"
         path = None if cache_dir is None else cache_dir / f"features-{key}.pt"
         test = clf.encode(data.test_texts, data.test_labels)
         if path is not None and path.exists():
@@ -177,7 +181,7 @@ class TaskFeatures:
         probe = {k: v[:8] for k, v in test.items()}
         with torch.inference_mode():
             full = clf.full_logits(probe)
-            fast = clf.suffix_logits({"hidden": self.features["test"]["hidden"][:8]})
+            fast = clf.suffix_logits({k: v[:8] for k, v in self.split("test").items()})
         if not torch.allclose(full, fast, atol=1e-4, rtol=1e-4):
             raise RuntimeError("cached features differ from the full model; delete the cache")
         self._heads: dict[int, dict[str, torch.Tensor]] = {}
@@ -193,20 +197,25 @@ class TaskFeatures:
         return self._heads[seed]
 
     def reset(self, seed: int) -> None:
-        """Put the trainable tensors back to the job's starting point for ``seed``."""
+        """Put the trainable tensors back to the job's starting point for ``seed``: the
+        packaged weights, and for MiniLM the head initialisation of ``seed``."""
         clf = self.classifier
+        _, unexpected = clf.model.load_state_dict(self._initial, strict=False)
+        assert not unexpected
         if self.model == "minilm":
             clf.model.classifier.load_state_dict(self.initial_head(seed))
-        else:  # SmolLM2's trainable norm starts from the packaged weights, whatever the seed
-            _, unexpected = clf.model.load_state_dict(self._initial, strict=False)
-            assert not unexpected
         clf.model.eval()
+
+    def split(self, name: str) -> dict[str, torch.Tensor]:
+        """The cached prefix features of a split, without its labels (suffix inputs)."""
+        return {k: v for k, v in self.features[name].items() if k != "labels"}
 
     def accuracy(self, split: str) -> float:
         """Accuracy on a split from its cached features (the job's own feature path)."""
-        feats = self.features[split]
+        labels = self.features[split]["labels"]
+        batch = 512 if self.split(split)["hidden"].dim() == 2 else 64
         return self.classifier.accuracy(
-            {"labels": feats["labels"]}, features={"hidden": feats["hidden"]}, batch_size=512
+            {"labels": labels}, features=self.split(split), batch_size=batch
         )
 
 
@@ -218,15 +227,9 @@ def _prefix_features(clf: Any, data: Any, test: dict[str, torch.Tensor], *, labe
     if not clf.verify_cache(test):
         raise RuntimeError(f"the frozen-prefix cache does not match {label}")
     return {
-        "train": {"hidden": clf.cached_features["hidden"], "labels": train["labels"]},
-        "validation": {
-            "hidden": clf.prefix_features(val, batch_size=32)["hidden"],
-            "labels": val["labels"],
-        },
-        "test": {
-            "hidden": clf.prefix_features(test, batch_size=32)["hidden"],
-            "labels": test["labels"],
-        },
+        "train": {**clf.cached_features, "labels": train["labels"]},
+        "validation": {**clf.prefix_features(val, batch_size=32), "labels": val["labels"]},
+        "test": {**clf.prefix_features(test, batch_size=32), "labels": test["labels"]},
     }
 
 
@@ -265,10 +268,12 @@ def run_one(
     lr: float,
     steps: int,
     clip_norm: float | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the head with ``method`` through the job's trainers; returns the measured row.
 
-    ``clip_norm`` overrides the method's default clip norm (:func:`_clip_norm`)."""
+    ``clip_norm`` overrides the method's default clip norm (:func:`_clip_norm`); ``options``
+    are further :class:`~zoprivacy.finetune.TrainSettings` fields (e.g. the direction kind)."""
     feats.reset(seed)
     before = feats.accuracy("test")
     _reset_peak_rss()
@@ -276,7 +281,7 @@ def run_one(
     clip = _clip_norm(method, k) if clip_norm is None else clip_norm
     done, privacy, eps_spent = 0, {}, 0.0
     if method != "zeroshot":
-        settings = _settings(method, k, epsilon, seed, lr, steps, clip)
+        settings = _settings(method, k, epsilon, seed, lr, steps, clip, **(options or {}))
         done, privacy, eps_spent = _train(feats, settings)
     wall = time.monotonic() - started
     peak = _peak_rss_mib()
@@ -305,6 +310,7 @@ def run_one(
         "wall_seconds": wall,
         "peak_memory_mib": peak,
         "noise_multiplier": privacy.get("noise_multiplier"),
+        "directions_used": privacy.get("directions_used"),
         "clip_norm": clip,
         "lr": lr if method != "zeroshot" else None,
         "delta": DELTA if epsilon is not None else None,
@@ -328,8 +334,9 @@ def _clip_norm(method: str, k: int | None) -> float | None:
     return None
 
 
-def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip) -> Any:
-    """The job's trainer settings for one run (``k``, ``eps``, ``clip``: None when unused)."""
+def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip, **options) -> Any:
+    """The job's trainer settings for one run (``k``, ``eps``, ``clip``: None when unused;
+    ``options``: further TrainSettings fields)."""
     from zoprivacy.finetune import TrainSettings
 
     return TrainSettings(
@@ -344,17 +351,19 @@ def _settings(method: str, k, eps, seed: int, lr: float, steps: int, clip) -> An
         epsilon=2.0 if eps is None else eps,
         delta=DELTA,
         seed=seed,
+        **options,
     )
 
 
 def _train(feats: TaskFeatures, settings: Any) -> tuple[int, dict[str, Any], float]:
-    """Run the job's trainer on the cached training features: (steps done, privacy, ε spent)."""
+    """Run the job's trainer on the cached training features: (steps done, privacy facts and
+    the direction kind of the last zeroth-order step, ε spent)."""
     from zoprivacy.accounting import PrivacyBudgetExceeded
     from zoprivacy.finetune import make_trainer
     from zoprivacy.tasks import TensorDictDataset
 
     train = feats.features["train"]
-    dataset = TensorDictDataset({"hidden": train["hidden"], "labels": train["labels"]})
+    dataset = TensorDictDataset(dict(train))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = make_trainer(feats.classifier, dataset, settings)
@@ -365,7 +374,9 @@ def _train(feats: TaskFeatures, settings: Any) -> tuple[int, dict[str, Any], flo
                 break
         if hasattr(trainer, "close"):
             trainer.close()
-    return trainer.steps_done, trainer.privacy, trainer.epsilon_spent()
+    stats = getattr(trainer, "last_stats", None)  # the direction kind the last step used
+    facts = {**trainer.privacy, "directions_used": getattr(stats, "directions", None)}
+    return trainer.steps_done, facts, trainer.epsilon_spent()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +486,7 @@ def run_cells(
             lr_of_run[lr] = _run_or_skip(
                 cell, GRID_SEED, lr, rows, done, path, features, make_features, values, bar
             )
-        best_lr = max(values, key=lambda v: (lr_of_run[v]["validation_accuracy"], -values.index(v)))
+        best_lr = first_best(values, lambda v, runs=lr_of_run: runs[v]["validation_accuracy"])
         for r in rows:
             if _matches(r, cell):
                 r["grid"] = {"lr": list(values)} if cell["method"] != "zeroshot" else {}
@@ -493,6 +504,13 @@ def run_cells(
         _save(path, rows)
     bar.close()
     return rows
+
+
+def first_best(values: Sequence[Any], score) -> Any:
+    """The selection rule of every grid here: the value with the highest ``score`` (the
+    validation accuracy), the first in grid order on a tie."""
+    values = list(values)
+    return max(values, key=lambda v: (score(v), -values.index(v)))
 
 
 def _matches(row: dict[str, Any], cell: dict[str, Any]) -> bool:

@@ -79,3 +79,32 @@ def test_paper_table_lays_out_mean_and_std_per_task_and_epsilon():
     assert body["DPZO, 64× steps (= K=64's forward passes)"][0] == "0.300±0.000 (1 seed)"
     assert "DP-AdamW (Opacus)" not in body  # not run: no row
     assert utility.paper_table(rows, "other") == ""
+
+
+def test_direction_utility_quick(tmp_path, capsys):
+    """The direction-kind comparison's quick mode: per kind, the grid on seed 0, the selection
+    on validation and the other seed at the selected η; each run really used its kind."""
+    from benchmarks import direction_utility
+
+    assert direction_utility.main(["--quick", "--out", str(tmp_path)]) == 0
+    for kind in direction_utility.KINDS:
+        rows = json.loads((tmp_path / "direction_utility_quick" / f"{kind}.json").read_text())
+        assert len(rows) == 3 and {r["directions_used"] for r in rows} == {kind}
+        grid = [r for r in rows if r["seed"] == 0]
+        best = utility.first_best(
+            [r["lr"] for r in grid],
+            lambda lr, grid=grid: next(r for r in grid if r["lr"] == lr)["validation_accuracy"],
+        )
+        assert {(r["seed"], r["lr"]) for r in rows if r["selected"]} == {(0, best), (1, best)}
+        assert all(r["trainable"] == "last1+classifier" for r in rows)
+        assert all(r["epsilon_spent"] <= 2.0 + 1e-6 for r in rows)
+    summary = json.loads((tmp_path / "direction_utility_quick" / "summary.json").read_text())
+    assert [s["kind"] for s in summary["summary"]] == list(direction_utility.KINDS)
+    assert "| low-rank (r = 2, ν = 1) |" in capsys.readouterr().out
+    assert not (RESULTS / "direction_utility_quick").exists()
+
+
+def test_first_best_takes_the_first_of_equal_scores():
+    scores = {0.3: 0.8, 1.0: 0.9, 3.0: 0.9}
+    assert utility.first_best([0.3, 1.0, 3.0], scores.get) == 1.0
+    assert utility.first_best([3.0, 1.0, 0.3], scores.get) == 3.0
