@@ -52,9 +52,10 @@ Sections (``--sections``, default all three):
   **wall-clock** medians (several threads make process CPU time count every core): the
   paper-style loop, the default path with the chunked Gaussian generator on all threads
   (``hooks``) and on one (``hooks_serial``, ``set_generation_threads(1)``: what a serial
-  ``torch.randn`` costs), and Rademacher (``hooks_rademacher`` against ``paper_rademacher``),
-  for K in ``--threads-ks`` (default 4, 16). ``over_2k_forward`` divides by 2K plain forward
-  passes timed back to back in the same interleaved rounds (``over_2k_single_forward`` by 2K
+  ``torch.randn`` costs), Rademacher (``hooks_rademacher`` against ``paper_rademacher``), the
+  direction buffer (``hooks_buffer``) and low-rank directions (``hooks_lowrank``), for K in
+  ``--threads-ks`` (default 4, 16). ``over_2k_forward`` divides by 2K plain forward passes timed
+  back to back in the same interleaved rounds (``over_2k_single_forward`` by 2K
   times the median single forward, for comparison). Needs an otherwise idle machine: the load
   average before and after each K is stored.
 
@@ -126,11 +127,21 @@ REFERENCE = {
     "hooks_rademacher": "paper_rademacher",
     "hooks_forward": "paper_forward",
 }
-THREAD_PATHS = ("paper", "hooks", "hooks_serial", "paper_rademacher", "hooks_rademacher")
+THREAD_PATHS = (
+    "paper",
+    "hooks",
+    "hooks_serial",
+    "paper_rademacher",
+    "hooks_rademacher",
+    "hooks_buffer",
+    "hooks_lowrank",
+)
 THREAD_REFERENCE = {
     "hooks": "paper",
     "hooks_serial": "paper",
     "hooks_rademacher": "paper_rademacher",
+    "hooks_buffer": "paper",
+    "hooks_lowrank": "paper",
 }
 OPTIONS = {
     "inplace": {"perturbation": "inplace"},
