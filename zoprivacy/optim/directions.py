@@ -566,23 +566,28 @@ class DirectionStream:
     ) -> torch.Tensor:
         """Write ``base + alpha·z_{k,index}`` into ``out`` (a scratch view, not ``base``).
 
-        A low-rank slice of a matrix is one fused ``addmm`` from its kept factors: the m × n
-        product is never written on its own (one pass over the tensor instead of two).
+        A kept slice is read where it is: a low-rank matrix is one fused ``addmm`` of its
+        factors (the m × n product is never written on its own), a buffered or kept whole slice
+        one ``add`` (no copy into ``out`` first). One pass over the tensor instead of two.
         """
-        factors = self._factors(k, index)
-        if factors is not None:
-            return torch.addmm(base, factors[0], factors[1].T, alpha=alpha, out=out)
-        return torch.add(base, self.fill(k, index, out), alpha=alpha, out=out)
+        kept = self._kept_unmasked(k, index)
+        if kept is None:
+            return torch.add(base, self.fill(k, index, out), alpha=alpha, out=out)
+        if len(kept) == 2:
+            return torch.addmm(base, kept[0], kept[1].T, alpha=alpha, out=out)
+        return torch.add(base, kept[0], alpha=alpha, out=out)
 
     def add_(
         self, k: int, index: int, target: torch.Tensor, alpha: float, scratch: torch.Tensor
     ) -> None:
         """``target += alpha·z_{k,index}`` in place (``scratch``: a flat buffer for z)."""
-        factors = self._factors(k, index)
-        if factors is not None:
-            target.addmm_(factors[0], factors[1].T, alpha=alpha)
-        else:
+        kept = self._kept_unmasked(k, index)
+        if kept is None:
             target.add_(self.fill(k, index, self.view(scratch, index)), alpha=alpha)
+        elif len(kept) == 2:
+            target.addmm_(kept[0], kept[1].T, alpha=alpha)
+        else:
+            target.add_(kept[0], alpha=alpha)
 
     def add_combination_(
         self, index: int, target: torch.Tensor, coefs: Sequence[float], alpha: float
@@ -590,20 +595,22 @@ class DirectionStream:
         """``target += alpha·Σ_k coefs_k z_{k,index}`` as one rank-K·r product, for a low-rank
         matrix slice without a mask: Σ_k c_k (U_k/√r) V_kᵀ = [c_0 U_0 … c_{K−1} U_{K−1}]/√r
         [V_0 … V_{K−1}]ᵀ. Returns False (nothing done) for any other slice."""
-        factors = [self._factors(k, index) for k in range(len(coefs))]
-        if not factors or any(f is None for f in factors):
+        if self.kind != "lowrank" or not coefs:
+            return False
+        factors = [self._kept_unmasked(k, index) for k in range(len(coefs))]
+        if any(f is None or len(f) != 2 for f in factors):
             return False
         us = torch.cat([f[0] * c for f, c in zip(factors, coefs, strict=True)], dim=1)
         vs = torch.cat([f[1] for f in factors], dim=1)
         target.addmm_(us, vs.T, alpha=alpha)
         return True
 
-    def _factors(self, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The kept (U/√r, V) of a low-rank matrix slice without a mask, else None."""
-        if self.kind != "lowrank" or self.masks[index] is not None:
+    def _kept_unmasked(self, k: int, index: int) -> tuple[torch.Tensor, ...] | None:
+        """The kept slice of (k, index) (low-rank factors (U/√r, V), or the whole buffered
+        slice) when directions are kept and the tensor has no mask, else None."""
+        if not (self.kind == "lowrank" or self.buffer) or self.masks[index] is not None:
             return None
-        kept = self._kept_slice(k, index)
-        return (kept[0], kept[1]) if len(kept) == 2 else None
+        return self._kept_slice(k, index)
 
     def _generate(self, k: int, index: int, out: torch.Tensor) -> torch.Tensor:
         kind = "gaussian" if self.kind == "lowrank" else self.kind
