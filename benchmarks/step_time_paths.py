@@ -727,6 +727,43 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_tables(payload: dict[str, Any]) -> str:
+    """Markdown tables of the ``paths`` rows (step / 2K forwards, the speed-up over the paper
+    loop, the generations per step) and of the ``threads`` rows (wall clock)."""
+    out = []
+    for name, block in payload.get("paths", {}).items():
+        rows = block["rows"]
+        out += [f"{name} (process CPU time, 1 thread; step / 2K forwards, speed-up vs paper, "
+                "generations per step)", "",
+                "| path | " + " | ".join(f"K = {r['K']}" for r in rows) + " |",
+                "|---|" + "---|" * len(rows)]  # fmt: skip
+        for path in (p for p in PATHS if all(p in r["paths"] for r in rows)):
+            cells = []
+            for r in rows:
+                e = r["paths"][path]
+                cell = f"{e['over_2k_forward']:.2f}"
+                if "speedup_vs_paper" in e:
+                    cell += f" ({e['speedup_vs_paper']:.2f}×)"
+                if "over_2k_forward_plus_generation" in e and path in ("hooks", "hooks_buffer"):
+                    cell += f" [{e['over_2k_forward_plus_generation']:.2f}]"
+                if "generations" in e:
+                    cell += f" {{{e['generations']}}}"
+                cells.append(cell)
+            out.append(f"| {path} | " + " | ".join(cells) + " |")
+        out.append("")
+    for r in payload.get("threads", {}).get("rows", []):
+        entries = r["paths"]
+        out.append(
+            f"threads {r['threads']}, batch {r['batch']}, K = {r['K']} (wall): "
+            + ", ".join(
+                f"{p} {e['over_2k_forward']:.2f}"
+                + (f" ({e['speedup_vs_paper']:.2f}×)" if "speedup_vs_paper" in e else "")
+                for p, e in entries.items()
+            )
+        )
+    return "\n".join(out)
+
+
 def _builder(build: Callable[..., Workload], batch: int | None) -> Callable[[], Workload]:
     """``build`` at its own batch size (None) or at ``batch``, then named after the batch."""
     if batch is None:
@@ -764,7 +801,11 @@ def _store_paths(payload, work: Workload, rows, trainable: int, args, seconds: f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw the PNG from the JSON and print its markdown tables",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny MLP, K in {1, 2}")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument(
@@ -799,6 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
     if args.plot_only:
         plot(payload, target.with_suffix(".png"))
+        print(markdown_tables(payload))
         return
     payload["machine"] = machine()
     payload.setdefault("method", __doc__)
