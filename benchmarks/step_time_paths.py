@@ -722,6 +722,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             "prefix caching (vs uncached) and batched directions (vs sequential)", fontsize=9
         )
         ax.tick_params(axis="y", labelsize=6)
+    else:
+        ax.axis("off")  # no prefix or batched rows in this file
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
