@@ -209,6 +209,7 @@ def lowrank_factors(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors (U/√r, V) of the low-rank slice z = (U/√r) Vᵀ of an m × n matrix.
 
@@ -229,15 +230,21 @@ def lowrank_factors(
 
     Memory: a step keeps the factors of its K directions, K·r(m + n) values per matrix (plus K
     copies of each tensor that is not a matrix), instead of regenerating mn values per read.
+    ``out``: two tensors of shapes (m, r) and (n, r) to write U/√r and V into (the same values).
     """
     m, n = (int(d) for d in shape)
     if generator is None:
         generator = torch.Generator(device=device)
+    if out is None:
+        out = (
+            torch.empty((m, rank), dtype=dtype, device=device),
+            torch.empty((n, rank), dtype=dtype, device=device),
+        )
     generator.manual_seed(u_seed)
-    u = torch.randn((m, rank), generator=generator, dtype=dtype, device=device)
+    u = torch.randn((m, rank), generator=generator, out=out[0])
     u.mul_(rank**-0.5)
     generator.manual_seed(v_seed)
-    v = torch.randn((n, rank), generator=generator, dtype=dtype, device=device)
+    v = torch.randn((n, rank), generator=generator, out=out[1])
     return u, v
 
 
@@ -524,6 +531,9 @@ class DirectionStream:
         self._factor_seeds: dict[int, tuple[list[int], list[int]]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._kept: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._arenas: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._layout: dict[int, int] | None = None
+        self._group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
         self.buffer = bool(buffer) and self.kind != "lowrank"
         self._buffer_k = -1
         self.generations = 0
@@ -636,7 +646,7 @@ class DirectionStream:
             kept = lowrank_factors(
                 p.shape, u_seed=seeds[0][index], v_seed=seeds[1][index],
                 rank=self.options.rank or 1, dtype=p.dtype, device=p.device,
-                generator=self.generator(p.device),
+                generator=self.generator(p.device), out=self._factor_views(k, index),
             )  # fmt: skip
             self.generations += 1
         else:
@@ -647,6 +657,33 @@ class DirectionStream:
             )
         self._kept[(k, index)] = kept
         return kept
+
+    def _factor_views(self, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views for (U/√r, V) of matrix ``index`` in direction k's one factor tensor.
+
+        All factors of direction k on a device and dtype share one allocation, made on first
+        use: thousands of small tensors living through the step between the forward passes'
+        large temporaries made glibc's heap grow by ~0.75 GiB per step (SmolLM2, K = 16;
+        ``benchmarks/lowrank_rss.py``).
+        """
+        p, r = self.params[index], self.options.rank or 1
+        if self._layout is None:  # each matrix's offset in its (device, dtype) group, once
+            self._layout, totals = {}, {}
+            for j, q in enumerate(self.params):
+                if q.dim() == 2:
+                    group = (q.device, q.dtype)
+                    self._layout[j] = totals.get(group, 0)
+                    totals[group] = self._layout[j] + r * (q.shape[0] + q.shape[1])
+            self._group_sizes = totals
+        arena = self._arenas.get((k, p.device, p.dtype))
+        if arena is None:
+            size = self._group_sizes[(p.device, p.dtype)]
+            arena = torch.empty(size, dtype=p.dtype, device=p.device)
+            self._arenas[(k, p.device, p.dtype)] = arena
+        start, (m, n) = self._layout[index], p.shape
+        u = arena[start : start + m * r].view(m, r)
+        v = arena[start + m * r : start + r * (m + n)].view(n, r)
+        return u, v
 
     def kept_bytes(self) -> int:
         """Bytes of the directions kept now (low-rank factors, or the buffer)."""
