@@ -227,6 +227,24 @@ def test_low_rank_directions_are_generated_once_per_step_and_kept():
     assert stream.kept_bytes() == values * 8
 
 
+def test_the_factors_of_a_direction_share_one_allocation():
+    """All (U/√r, V) of direction k live in one tensor (per device and dtype), with the values of
+    separately drawn factors: thousands of small factor tensors made glibc's heap grow by
+    ~0.75 GiB per step (benchmarks/lowrank_rss.py)."""
+    params = [torch.zeros(4, 6), torch.zeros(4), torch.zeros(3, 5), torch.zeros(2, 2)]
+    stream = DirectionStream(params, seed=1, step=0, kind="lowrank", rank=2, refresh=1)
+    out = [torch.empty_like(p) for p in params]
+    for k in range(2):
+        for i in range(4):
+            stream.fill(k, i, out[i])
+            ref = _reference_z(params[i].shape, seed=1, step=0, k=k, i=i, rank=2, refresh=1)
+            assert torch.allclose(out[i].double(), ref, rtol=1e-6, atol=1e-6)
+        storages = {t.untyped_storage().data_ptr() for i in (0, 2, 3) for t in stream._kept[(k, i)]}
+        assert len(storages) == 1, k
+    per_direction = 2 * (4 + 6) + 2 * (3 + 5) + 2 * (2 + 2) + 4  # factors + the vector's slice
+    assert stream.kept_bytes() == 2 * per_direction * 4
+
+
 @pytest.mark.parametrize("path", ["auto", "inplace"])
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_direction_buffer_generates_each_z_once_per_pair_with_identical_results(kind, path):
