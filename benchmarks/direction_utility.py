@@ -103,9 +103,7 @@ def run_kind(
             options=kind_options(kind),
         )  # fmt: skip
         row.update(
-            direction_distribution=kind,
-            direction_rank=RANK if kind == "lowrank" else None,
-            direction_refresh=REFRESH if kind == "lowrank" else None,
+            {"direction_rank": None, "direction_refresh": None, **kind_options(kind)},
             trainable=feats.trainable,
             trainable_params=feats.classifier.num_trainable(),
             max_length=MAX_LENGTH,
@@ -141,14 +139,15 @@ def summarize(folder: Path) -> list[dict[str, Any]]:
         chosen = [r for r in utility._load(path) if r.get("selected")]
         if not chosen:
             continue
-        acc = [r["test_accuracy"] for r in sorted(chosen, key=lambda r: r["seed"])]
+        chosen.sort(key=lambda r: r["seed"])
+        acc = [r["test_accuracy"] for r in chosen]
         summary.append(
             {
                 "kind": kind,
                 "lr": chosen[0]["lr"],
                 "K": chosen[0]["K"],
                 "steps": chosen[0]["steps_planned"],
-                "seeds": [r["seed"] for r in sorted(chosen, key=lambda r: r["seed"])],
+                "seeds": [r["seed"] for r in chosen],
                 "test_accuracy": acc,
                 "test_accuracy_mean": statistics.fmean(acc),
                 "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,

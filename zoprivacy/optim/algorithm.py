@@ -272,8 +272,11 @@ def apply_update(
         if wd and lr:
             p.mul_(1.0 - lr * wd)
     values = coefs.tolist()
-    rest = [i for i, p in enumerate(params) if lrs[i]]
-    rest = [i for i in rest if not stream.add_combination_(i, params[i], values, -lrs[i])]
+    rest = [
+        i
+        for i in range(len(params))
+        if lrs[i] and not stream.add_combination_(i, params[i], values, -lrs[i])
+    ]
     for k, coef in enumerate(values):
         if coef == 0.0:
             continue
