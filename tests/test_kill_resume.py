@@ -121,6 +121,9 @@ SCRIPT = textwrap.dedent(
         with open(progress, "a") as fh:
             fh.write(f"{training.steps_done}\\n")
             fh.flush()
+    # a resume may replay the journal to the last step (a kill during the final save): the loop
+    # then has nothing left to run, and the replayed state is saved here
+    training.save(ckpt)
     print("done", training.steps_done)
     """
 )
