@@ -615,6 +615,14 @@ class DirectionStream:
         target.addmm_(us, vs.T, alpha=alpha)
         return True
 
+    def factors(self, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U/√r, V) of direction k's slice of matrix ``index`` when it is low rank and has no
+        mask (generated on first use), else None."""
+        if self.kind != "lowrank" or self.params[index].dim() != 2:
+            return None
+        kept = self._kept_unmasked(k, index)
+        return None if kept is None else (kept[0], kept[1])
+
     def _kept_unmasked(self, k: int, index: int) -> tuple[torch.Tensor, ...] | None:
         """The kept slice of (k, index) (low-rank factors (U/√r, V), or the whole buffered
         slice) when directions are kept and the tensor has no mask, else None."""

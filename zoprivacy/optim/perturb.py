@@ -48,6 +48,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from zoprivacy.optim.directions import DirectionStream
+from zoprivacy.optim.factored import factored_call, factoring_pays, weight_of
 
 __all__ = [
     "PERTURBATION_PATHS",
@@ -229,6 +230,9 @@ class ParameterSubstitution(TorchFunctionMode):
         provide: ``provide(indices) -> {index: tensor}``, the values for one call (built fresh
             for each call unless the provider caches them).
         after: called with each substituted call's output (e.g. to detect escaping views).
+        factored: ``factored(func, args, kwargs, indices)`` evaluates a call itself (the
+            low-rank probes of :mod:`zoprivacy.optim.factored`) or returns ``NotImplemented``,
+            and the call gets substituted values as usual.
 
     ``seen`` collects the indices substituted since the last :meth:`reset`. Calls that only read
     metadata (``.shape``, ``.dtype``, ``.size()``, ...) get the real tensor and are not counted.
@@ -240,11 +244,13 @@ class ParameterSubstitution(TorchFunctionMode):
         tracked: Sequence[bool],
         provide: Callable[[list[int]], dict[int, torch.Tensor]],
         after: Callable[[Any], None] | None = None,
+        factored: Callable[[Any, tuple, dict, list[int]], Any] | None = None,
     ) -> None:
         super().__init__()
         self.ids = {id(p): i for i, (p, on) in enumerate(zip(params, tracked, strict=True)) if on}
         self.provide = provide
         self.after = after
+        self.factored = factored
         self.seen: set[int] = set()
         self.calls = 0
 
@@ -258,9 +264,13 @@ class ParameterSubstitution(TorchFunctionMode):
         if hits is None or func in _METADATA:
             return func(*args, **kwargs)
         unique = list(dict.fromkeys(hits))
-        values = self.provide(unique)
         self.seen.update(unique)
         self.calls += 1
+        if self.factored is not None:
+            out = self.factored(func, args, kwargs, unique)
+            if out is not NotImplemented:
+                return out
+        values = self.provide(unique)
         out = func(
             *[_swap(a, self.ids, values) for a in args],
             **{k: _swap(v, self.ids, values) for k, v in kwargs.items()},
@@ -301,9 +311,7 @@ class Prober:
         self.offsets = [0] * len(self.params)  # units of φ·z_{current_k} each tensor carries
         self.current_k = 0
         self._point: tuple[int, int] = (0, 0)
-        self._mode = ParameterSubstitution(
-            self.params, [not x for x in self.inplace], self._provide, pool.release_if_aliased
-        )
+        self._mode = self._substitution()
         self.nbytes = [p.numel() * p.element_size() for p in self.params]
 
     # ------------------------------------------------------------------ configuration
@@ -313,8 +321,13 @@ class Prober:
             raise RuntimeError("cannot change paths while a perturbation is applied in place")
         for i in indices:
             self.inplace[i] = True
-        self._mode = ParameterSubstitution(
-            self.params, [not x for x in self.inplace], self._provide, self.pool.release_if_aliased
+        self._mode = self._substitution()
+
+    def _substitution(self) -> ParameterSubstitution:
+        factored = self._factored if self.stream.kind == "lowrank" else None
+        tracked = [not x for x in self.inplace]
+        return ParameterSubstitution(
+            self.params, tracked, self._provide, self.pool.release_if_aliased, factored
         )
 
     @property
@@ -390,6 +403,28 @@ class Prober:
                 region = torch.empty(self.nbytes[i], dtype=torch.uint8, device=dev)
             values[i] = self.stream.perturbed(k, i, p.detach(), alpha, self.stream.view(region, i))
         return values
+
+    def _factored(self, func: Any, args: tuple, kwargs: dict, indices: list[int]) -> Any:
+        """A linear layer or embedding whose weight has a low-rank slice, evaluated from the
+        factors (:mod:`zoprivacy.optim.factored`); ``NotImplemented`` for any other call."""
+        weight = weight_of(func, args, kwargs)
+        ids = self._mode.ids
+        index = None if weight is None else ids.get(id(weight))
+        if index is None:
+            return NotImplemented
+        x = args[0] if args else kwargs.get("input")
+        if id(x) in ids or not factoring_pays(func, args, kwargs, weight):
+            return NotImplemented
+        factors = self.stream.factors(self._point[0], index)
+        if factors is None:
+            return NotImplemented
+        others = [i for i in indices if i != index]
+        values = self._provide(others) if others else {}
+
+        def swap(value: Any) -> Any:
+            return _swap(value, ids, values)
+
+        return factored_call(func, args, kwargs, factors, self._point[1] * self.phi, swap)
 
     # ------------------------------------------------------------------ batched directions
     def evaluate_batched(
