@@ -6,7 +6,9 @@ Sections (``--sections``, default all three):
   median process-CPU time of one step of each configuration below, the forward time (median of
   ``--forward-repeats`` closure calls, measured in the same time window), and per step an
   instrumented breakdown. Reported: ``over_2k_forward`` = step / (2K × forward) for every path
-  (also for forward differences, whose own floor is K + 1 forwards: ``over_floor``), and
+  (also for forward differences, whose own floor is K + 1 forwards: ``over_floor``), with
+  ``--paired-forwards`` also ``over_paired_2k_forward`` (the median over rounds of step / 2K plain
+  forwards timed just before it, which machine-speed drift between timings does not move), and
   ``speedup_vs_paper`` = paper-style step / step at identical maths (same directions, same
   difference).
 
@@ -353,9 +355,12 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
         repeats = args.repeats_64 if k >= 64 else args.repeats
         times: dict[str, list[tuple[float, float]]] = defaultdict(list)
         parts: dict[str, list[dict[str, float]]] = defaultdict(list)
+        paired: dict[str, list[float]] = defaultdict(list)
         info: dict[str, dict[str, Any]] = {}
         for _ in range(repeats):
             for path in paths:
+                if args.paired_forwards:  # 2K plain forwards just before this step
+                    paired[path].append(cpu_time(lambda n=2 * k: [closure() for _ in range(n)])[0])
                 opt = make_optimizer(path, params, k, work.batch_size)
                 if path.startswith("paper"):
                     times[path].append(cpu_time(lambda o=opt: o.step(closure)))
@@ -397,6 +402,11 @@ def run_paths(work: Workload, ks: Sequence[int], args: argparse.Namespace) -> li
                 "over_floor": cpu / (evaluations * fwd["cpu"]),
                 "floor": f"{evaluations} forwards",
             }
+            if paired[path]:
+                entry["paired_2k_forward_seconds"] = paired[path]
+                entry["over_paired_2k_forward"] = statistics.median(
+                    t[0] / f for t, f in zip(times[path], paired[path], strict=True)
+                )
             if path in parts:
                 med = {c: statistics.median(p[c] for p in parts[path]) for c in parts[path][0]}
                 entry["breakdown_seconds"] = med
@@ -731,7 +741,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def markdown_tables(payload: dict[str, Any]) -> str:
     """Markdown tables of the ``paths`` rows (step / 2K forwards, the speed-up over the paper
-    loop, the generations per step) and of the ``threads`` rows (wall clock)."""
+    loop, the generations per step, and ⟨step / the closure time inside that step⟩, a ratio
+    that machine-speed drift between the forward and the step timings does not move) and of
+    the ``threads`` rows (wall clock)."""
     out = []
     for name, block in payload.get("paths", {}).items():
         rows = block["rows"]
@@ -750,6 +762,10 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                     cell += f" [{e['over_2k_forward_plus_generation']:.2f}]"
                 if "generations" in e:
                     cell += f" {{{e['generations']}}}"
+                if "breakdown_seconds" in e:
+                    cell += f" ⟨{e['seconds'] / e['breakdown_seconds']['forward']:.2f}⟩"
+                if "over_paired_2k_forward" in e:
+                    cell += f" paired {e['over_paired_2k_forward']:.2f}"
                 cells.append(cell)
             out.append(f"| {path} | " + " | ".join(cells) + " |")
         out.append("")
@@ -823,6 +839,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", nargs="+", default=["paths", "prefix", "batched"])
     parser.add_argument("--ks", type=int, nargs="+", help="K values (default 1 4 16 64)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--paired-forwards",
+        action="store_true",
+        help="paths section: time 2K plain forwards just before every step and report "
+        "over_paired_2k_forward (median of step / its paired forwards; robust to the machine's "
+        "speed drifting between the forward and the step timings)",
+    )
     parser.add_argument("--repeats-64", type=int, default=1)
     parser.add_argument("--forward-repeats", type=int, default=5)
     parser.add_argument("--prefix-ks", type=int, nargs="+", default=[16])

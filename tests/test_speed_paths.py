@@ -445,6 +445,16 @@ def test_benchmark_scripts_run_quick(tmp_path):
     row = next(iter(payload["paths"].values()))["rows"][0]
     assert row["paths"]["hooks"]["perturbation_path"] == "hooks"
     assert (tmp_path / "step_time_paths_quick.png").exists()
+    paired_dir = tmp_path / "paired"
+    step_time_paths.main(
+        ["--quick", "--paired-forwards", "--paths", "hooks_lowrank", "--out", str(paired_dir)]
+    )
+    payload = json.loads((paired_dir / "step_time_paths_quick.json").read_text())
+    for row in next(iter(payload["paths"].values()))["rows"]:
+        entry = row["paths"]["hooks_lowrank"]
+        assert len(entry["paired_2k_forward_seconds"]) == row["repeats"]
+        assert entry["over_paired_2k_forward"] > 0
+    assert "paired" in step_time_paths.markdown_tables(payload)
 
 
 def test_threads_section_runs_on_the_packaged_minilm():

@@ -13,7 +13,9 @@ Two ways to evaluate the per-record losses at a perturbed point, chosen per trai
   bit-exact after any number of evaluations and after any exception, in every dtype.
   Cost per evaluation: one generation per *read* of each tensor (2K + K per central step, against
   4K in place; 2K on both paths with ``direction_buffer``, K with low-rank directions, see
-  :class:`~zoprivacy.optim.directions.DirectionStream`), plus a Python check of the arguments of
+  :class:`~zoprivacy.optim.directions.DirectionStream`), plus one pass writing θ_i ± φz_{k,i}
+  per read (low-rank embeddings and small-input linear layers skip it: the call is evaluated
+  from the factors, :mod:`zoprivacy.optim.factored`), plus a Python check of the arguments of
   every torch call (a few µs each; about 250 calls per MiniLM forward, within the timing noise).
 * **in place**: θ_i += s·φ·z_{k,i} before the call and undone by arithmetic afterwards
   (+φ, −2φ, +φ per direction), which leaves rounding drift of a few ulps per step (see
