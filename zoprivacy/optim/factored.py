@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FACTORED_FUNCTIONS", "factored_call", "factoring_pays", "weight_of"]
+__all__ = ["FACTORED_FUNCTIONS", "factored_call", "factoring_pays", "input_of", "weight_of"]
 
 FACTORED_FUNCTIONS = (F.linear, F.embedding)
 """The torch functions evaluated in factored form (their ``weight`` argument is the matrix)."""
@@ -46,6 +46,11 @@ def weight_of(func: Any, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | 
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
+def input_of(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The ``input`` argument (x, or the indices of an embedding) of a factored call."""
+    return args[0] if args else kwargs.get("input")
+
+
 def factoring_pays(func: Any, args: tuple, kwargs: dict[str, Any], weight: torch.Tensor) -> bool:
     """Whether the factored form of this call moves less memory than materialising W + a·z.
 
@@ -57,7 +62,7 @@ def factoring_pays(func: Any, args: tuple, kwargs: dict[str, Any], weight: torch
     """
     if func is F.embedding:
         return True
-    x = args[0] if args else kwargs["input"]
+    x = input_of(args, kwargs)
     m, n = weight.shape
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     return rows * (m + n) < m * n
@@ -82,9 +87,9 @@ def factored_call(
         if _argument(args, kwargs, 3, "max_norm") is not None:
             return NotImplemented
         out = func(*args, **kwargs)
-        rows = F.embedding(args[0] if args else kwargs["input"], u)
+        rows = F.embedding(input_of(args, kwargs), u)
         return _add_product(out, rows, v, alpha)
-    x = args[0] if args else kwargs["input"]
+    x = input_of(args, kwargs)
     rest = {k: val if k in ("input", "weight") else swap(val) for k, val in kwargs.items()}
     out = func(*args[:2], *(swap(a) for a in args[2:]), **rest)
     return _add_product(out, x.to(v.dtype) @ v, u, alpha)

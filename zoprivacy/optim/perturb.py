@@ -50,7 +50,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from zoprivacy.optim.directions import DirectionStream
-from zoprivacy.optim.factored import factored_call, factoring_pays, weight_of
+from zoprivacy.optim.factored import factored_call, factoring_pays, input_of, weight_of
 
 __all__ = [
     "PERTURBATION_PATHS",
@@ -414,8 +414,7 @@ class Prober:
         index = None if weight is None else ids.get(id(weight))
         if index is None:
             return NotImplemented
-        x = args[0] if args else kwargs.get("input")
-        if id(x) in ids or not factoring_pays(func, args, kwargs, weight):
+        if id(input_of(args, kwargs)) in ids or not factoring_pays(func, args, kwargs, weight):
             return NotImplemented
         factors = self.stream.factors(self._point[0], index)
         if factors is None:
