@@ -496,6 +496,8 @@ class DirectionStream:
         buffer: keep the slices of the current direction k (Gaussian and Rademacher), so the
             two probes of a pair and the in-place moves generate each z_{k,i} once: memory of
             one copy of the trainable tensors. Low-rank directions always keep their factors.
+        num_directions: K, when known: the kept low-rank slices of all K directions share one
+            allocation per device and dtype (else one per direction).
 
     Gaussian and Rademacher slices are regenerated from their seeds at every :meth:`fill`
     (nothing kept) unless ``buffer``; low-rank slices are generated once per step and kept
@@ -518,8 +520,10 @@ class DirectionStream:
         rank: int | None = None,
         refresh: int | None = None,
         buffer: bool = False,
+        num_directions: int | None = None,
     ) -> None:
         self.params = list(params)
+        self.num_directions = num_directions
         self.seed = seed
         self.step = step
         self.options = check_direction_options(kind, rank, refresh)
@@ -654,9 +658,11 @@ class DirectionStream:
             kept = lowrank_factors(
                 p.shape, u_seed=seeds[0][index], v_seed=seeds[1][index],
                 rank=self.options.rank or 1, dtype=p.dtype, device=p.device,
-                generator=self.generator(p.device), out=self._factor_views(k, index),
+                generator=self.generator(p.device), out=self._arena_views(k, index),
             )  # fmt: skip
             self.generations += 1
+        elif self.kind == "lowrank":  # a tensor that is not a matrix: its whole slice
+            kept = (self._generate(k, index, self._arena_views(k, index)[0]),)
         else:
             kept = (
                 self._generate(
@@ -666,29 +672,36 @@ class DirectionStream:
         self._kept[(k, index)] = kept
         return kept
 
-    def _factor_views(self, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views for (U/√r, V) of matrix ``index`` in direction k's one factor tensor.
+    def _arena_views(self, k: int, index: int) -> tuple[torch.Tensor, ...]:
+        """Where direction k keeps tensor ``index``'s low-rank slice: views (U/√r, V) of a
+        matrix, or one view of the tensor's shape, in one allocation per device and dtype.
 
-        All factors of direction k on a device and dtype share one allocation, made on first
-        use: thousands of small tensors living through the step between the forward passes'
-        large temporaries made glibc's heap grow by ~0.75 GiB per step (SmolLM2, K = 16;
-        ``benchmarks/lowrank_rss.py``).
+        Every kept slice of the step on a device and dtype lives in that allocation (all
+        ``num_directions`` directions, else one allocation per direction), made on first use:
+        thousands of small tensors living through the step between the forward passes' large
+        temporaries made glibc's heap grow by ~0.75 GiB per step (SmolLM2, K = 16;
+        ``benchmarks/lowrank_rss.py``), and one allocation per direction still slowed the
+        forward passes of a MiniLM step at K = 64 by ~15% (``results/direction_kinds/``).
         """
         p, r = self.params[index], self.options.rank or 1
-        if self._layout is None:  # each matrix's offset in its (device, dtype) group, once
+        if self._layout is None:  # each tensor's offset in its (device, dtype) group, once
             self._layout, totals = {}, {}
             for j, q in enumerate(self.params):
-                if q.dim() == 2:
-                    group = (q.device, q.dtype)
-                    self._layout[j] = totals.get(group, 0)
-                    totals[group] = self._layout[j] + r * (q.shape[0] + q.shape[1])
+                group = (q.device, q.dtype)
+                self._layout[j] = totals.get(group, 0)
+                size = r * (q.shape[0] + q.shape[1]) if q.dim() == 2 else q.numel()
+                totals[group] = self._layout[j] + size
             self._group_sizes = totals
-        arena = self._arenas.get((k, p.device, p.dtype))
+        group, size = (p.device, p.dtype), self._group_sizes[(p.device, p.dtype)]
+        directions = self.num_directions or 1
+        arena = self._arenas.get((k // directions, *group))
         if arena is None:
-            size = self._group_sizes[(p.device, p.dtype)]
-            arena = torch.empty(size, dtype=p.dtype, device=p.device)
-            self._arenas[(k, p.device, p.dtype)] = arena
-        start, (m, n) = self._layout[index], p.shape
+            arena = torch.empty(directions * size, dtype=p.dtype, device=p.device)
+            self._arenas[(k // directions, *group)] = arena
+        start = (k % directions) * size + self._layout[index]
+        if p.dim() != 2:
+            return (arena[start : start + p.numel()].view(p.shape),)
+        m, n = p.shape
         u = arena[start : start + m * r].view(m, r)
         v = arena[start + m * r : start + r * (m + n)].view(n, r)
         return u, v

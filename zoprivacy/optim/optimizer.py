@@ -492,6 +492,7 @@ class DPAggZO(torch.optim.Optimizer):
             rank=self._dirs.rank,
             refresh=self._dirs.refresh,
             buffer=self._buffer,
+            num_directions=cfg.num_directions,
         )
 
     def _stats(
