@@ -366,7 +366,10 @@ def test_loading_prints_nothing_and_restores_datasets_settings(files, capfd):
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no "Generating train split: 8 examples"
     assert not datasets.are_progress_bars_disabled()
-    assert "good film" not in repr(data) and "8" not in repr(data).replace("train.csv", "")
+    shown = repr(data)
+    for path in (*files, files[0].parent):  # pytest's folder name has digits of its own
+        shown = shown.replace(str(path), "")
+    assert "good film" not in shown and "8" not in shown
     assert str(len(TRAIN["text"])) not in _numbers(json.dumps(data.public_summary), *files)
 
 
